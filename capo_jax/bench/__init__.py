@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m capo_jax.bench {sampler,credit,train}`, each against a peer run side by side."""
