@@ -1,0 +1,304 @@
+"""The NNX decoder-only transformer for the Llama-3.x / Qwen2 / Qwen2.5 / Qwen3 families, with an optional KV cache.
+
+Layers are stored stacked (`[layers, ...]`) and run under `jax.lax.scan` so compile time does not grow with
+depth (`scan_layers=False` keeps a Python list of layers instead). Every parameter carries logical axis names
+in its `out_sharding` metadata; `capo_jax.parallel` maps them to mesh axes per role.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capo_jax.models.cache import KVCache
+from capo_jax.models.config import ModelConfig
+
+F32 = jnp.float32
+_NEG = float(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...], cfg: ModelConfig,
+           stack: int | None, init: str) -> nnx.Param:
+    """A parameter with logical names; `stack` prepends a `layers` axis (scanned layout)."""
+    if stack is not None:
+        shape, names = (stack, *shape), ("layers", *names)
+    dtype = cfg.weight_dtype
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (cfg.initializer_range * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """einsum in the compute dtype with float32 accumulation (fast bf16 path on CPU/TPU), cast back to `dtype`."""
+    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=F32).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32 (as transformers does), scaled by a learned weight."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, *, stack: int | None = None):
+        self.eps = cfg.rms_norm_eps
+        self.scale = _param(None, (dim,), ("norm",), cfg, stack, "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies float32[head_dim/2] for plain, `linear` and `llama3` RoPE (transformers' formulas)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    kind = rs.get("rope_type", rs.get("type"))
+    factor = float(rs["factor"])
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old_len = float(rs["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32[B, T, head_dim] for integer positions[B, T]."""
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x[B, T, heads, head_dim] by the (rotate-half convention) angle tables."""
+    x32 = x.astype(F32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v(/o) biases and Qwen3's per-head q/k RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), cfg, stack, "normal")
+        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg, stack, "normal")
+        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg, stack, "normal")
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg, stack, "normal")
+        if cfg.attention_bias:
+            self.q_bias = _param(None, (h, d), ("heads", "head_dim"), cfg, stack, "zeros")
+            self.k_bias = _param(None, (kv, d), ("kv_heads", "head_dim"), cfg, stack, "zeros")
+            self.v_bias = _param(None, (kv, d), ("kv_heads", "head_dim"), cfg, stack, "zeros")
+        if cfg.attention_out_bias:
+            self.o_bias = _param(None, (e,), ("embed",), cfg, stack, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg, stack=stack)
+            self.k_norm = RMSNorm(d, cfg, stack=stack)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+                 layer: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x[B,T,E] -> [B,T,E]. `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
+        (the whole cache `[layers,B,S,KV,D]`), the new keys/values are written at `layer`, slots `index..`."""
+        cfg, dt = self.cfg, x.dtype
+        q = _dot("bte,ehd->bthd", x, self.q.value, dt)
+        k = _dot("bte,ehd->bthd", x, self.k.value, dt)
+        v = _dot("bte,ehd->bthd", x, self.v.value, dt)
+        if cfg.attention_bias:
+            q = q + self.q_bias.value.astype(dt)
+            k = k + self.k_bias.value.astype(dt)
+            v = v + self.v_bias.value.astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_all, v_all = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+            kv = (k_all, v_all)
+        out = attend(q, k, v, allowed)
+        out = _dot("bthd,hde->bte", out, self.o.value, dt)
+        if cfg.attention_out_bias:
+            out = out + self.o_bias.value.astype(dt)
+        return out, kv
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax attention q[B,T,H,D] over k,v[B,S,KV,D] (H a multiple of KV) where allowed[B,T,S]; float32 softmax.
+    A query with no allowed key (a left-pad slot) gets a uniform average instead of NaN."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * (d ** -0.5)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=F32).astype(q.dtype)
+    return out.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
+        self.up = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
+        self.down = _param(rngs, (m, e), ("mlp", "embed"), cfg, stack, "normal")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        g = jnp.einsum("bte,em->btm", x, self.gate.value.astype(dt), preferred_element_type=F32)
+        u = jnp.einsum("bte,em->btm", x, self.up.value.astype(dt), preferred_element_type=F32)
+        return _dot("btm,me->bte", (jax.nn.silu(g) * u).astype(dt), self.down.value, dt)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer: x + attn(norm x), then + mlp(norm x)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg, stack=stack)
+        self.attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg, stack=stack)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack)
+
+    def __call__(self, x, cos, sin, allowed, kv, index, layer):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, allowed, kv, index, layer)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids, attention_mask, positions)` -> float32 logits[B,T,V];
+    with `cache=` it returns `(logits, new_cache)`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        self.config = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, None, "normal")
+        if cfg.scan_layers:
+            self.layers = Block(cfg, rngs=rngs, stack=cfg.num_layers)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, None, "normal")
+
+    # -- public API
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
+        out = self.hidden_states(input_ids, attention_mask, positions, cache)
+        if cache is None:
+            return self.logits(out)
+        hidden, cache = out
+        return self.logits(hidden), cache
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None, cache: KVCache | None = None):
+        """Final normed hidden states [B,T,E] in the compute dtype (and the updated cache when one is given)."""
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        am = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if positions is None:
+            positions = default_positions(am, None if cache is None else cache.num_valid())
+        positions = jnp.asarray(positions, jnp.int32)
+        cos, sin = rope_tables(positions, rope_inv_freq(cfg))
+
+        if cache is None:
+            allowed = am[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+            kv, index, new_mask = None, None, None
+        else:
+            index = jnp.asarray(cache.index, jnp.int32)
+            new_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, index))
+            slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+            causal = slots[None, :] <= (index + jnp.arange(t, dtype=jnp.int32))[:, None]
+            allowed = new_mask[:, None, :] & causal[None]
+            kv = (cache.k, cache.v)
+
+        x = jnp.take(self.embed.value, input_ids, axis=0).astype(cfg.compute_dtype)
+        x, kv = self._run_layers(x, cos, sin, allowed, kv, index)
+        hidden = self.norm(x)
+        if cache is None:
+            return hidden
+        return hidden, KVCache(k=kv[0], v=kv[1], mask=new_mask, index=index + t)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V] from final hidden states [..., E]."""
+        dt = self.config.compute_dtype
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...e,ve->...v", hidden.astype(dt), self.embed.value.astype(dt),
+                              preferred_element_type=F32)
+        return jnp.einsum("...e,ev->...v", hidden.astype(dt), self.lm_head.value.astype(dt),
+                          preferred_element_type=F32)
+
+    # -- internals
+
+    def _run_layers(self, x, cos, sin, allowed, kv, index):
+        cfg = self.config
+
+        def step(layer_state, graphdef, x, kv, i):
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, allowed, kv, index, i)
+
+        if cfg.remat:
+            step = jax.checkpoint(step, prevent_cse=False, static_argnums=(1,))
+        if not cfg.scan_layers:
+            for i, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                x, kv = step(state, graphdef, x, kv, i)
+            return x, kv
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            x, kv, i = carry
+            x, kv = step(layer_state, graphdef, x, kv, i)
+            return (x, kv, i + 1), None
+
+        (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), state)
+        return x, kv
+
+
+def default_positions(attention_mask: jax.Array, already: jax.Array | None = None) -> jax.Array:
+    """Positions counting each row's real tokens from 0 (or from `already[B]` cached ones); pads get the
+    position of the next real token, clipped at 0 (their value never matters: nobody attends to them)."""
+    am = attention_mask.astype(jnp.int32)
+    pos = jnp.cumsum(am, axis=-1) - 1
+    if already is not None:
+        pos = pos + already[:, None]
+    return jnp.maximum(pos, 0).astype(jnp.int32)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameter scalars in a model."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
