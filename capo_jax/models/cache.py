@@ -37,3 +37,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
         mask=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+# Logical axis names of each KVCache field (for `capo_jax.parallel.cache_shardings`).
+CACHE_AXES = {
+    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "mask": ("batch", "length"),
+    "index": (),
+}

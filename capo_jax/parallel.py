@@ -1,0 +1,176 @@
+"""Meshes (`data`, `fsdp`, `tensor`), logical-axis rules per role, and sharding a model's state or a batch.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, ...). A *rules* table maps each logical name
+to mesh axes; each role (policy, reference, critic) picks its own table. Divisibility policy: when the mesh
+axes a rule names do not divide a dimension, that dimension falls back to replication (trailing mesh axes
+are dropped first, so `('data', 'fsdp')` can shrink to `('data',)`) -- tiny test models have odd sizes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# One rule: logical axis name -> mesh axis, tuple of mesh axes, or None (replicated).
+Rules = tuple[tuple[str, Any], ...]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation); one size may be -1 (fill)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(data), int(fsdp), int(tensor)]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1 (fill)")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of product {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{len(devices)} are available: adjust the sizes or set one to -1")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_from_config(cfg: Mapping[str, Any] | Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh from any mapping/ConfigDict with optional `data`, `fsdp`, `tensor` sizes."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
+    return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), devices=devices)
+
+
+def policy_rules() -> Rules:
+    """Trainable policy: FSDP over `fsdp` on the embed dim, tensor parallel over heads / mlp / vocab."""
+    return (
+        ("batch", BATCH_AXES),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("norm", None),
+    )
+
+
+def inference_rules() -> Rules:
+    """Frozen inference roles (reference, critic): tensor parallel over heads / mlp / vocab, replicated over
+    `data` and `fsdp` (no all-gathers of weights per step)."""
+    return (
+        ("batch", BATCH_AXES),
+        ("length", None),
+        ("embed", None),
+        ("vocab", "tensor"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("norm", None),
+    )
+
+
+def _as_tuple(axes: Any) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `names`. Names without a rule are replicated; with `mesh` and `shape`, mesh axes
+    that are absent, already used by an earlier dim, or do not divide the dim are dropped (replication)."""
+    if names is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for d, name in enumerate(names):
+        axes = [a for a in _as_tuple(table.get(name)) if a not in used]
+        if mesh is not None:
+            axes = [a for a in axes if a in mesh.shape and mesh.shape[a] > 1]
+            if shape is not None:
+                while axes and shape[d] % math.prod(mesh.shape[a] for a in axes):
+                    axes.pop()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+
+def logical_to_sharding(names: Sequence[str | None] | None, mesh: Mesh, rules: Rules,
+                        shape: Sequence[int] | None = None) -> NamedSharding:
+    """NamedSharding on `mesh` for logical `names` (give `shape` to get the divisibility fallback)."""
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def variable_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a Variable carries (None if it has none)."""
+    meta = var.get_metadata()
+    names = meta.get("out_sharding") or meta.get("sharding_names")
+    return tuple(names) if names else None
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A pytree like `state` (an nnx.State or Variables) whose leaves are each Variable's NamedSharding."""
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            return v.replace(logical_to_sharding(variable_names(v), mesh, rules, v.value.shape))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules) -> Any:
+    """Target shardings of `model`'s whole state (use as jit in/out shardings of `nnx.split` state)."""
+    return state_shardings(nnx.state(model), mesh, rules)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Move every Variable of `model` to its rule-derived sharding on `mesh` (in place); returns the model."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def batch_spec(ndim: int, mesh: Mesh, dim0: int | None = None, axes: Sequence[str] = BATCH_AXES) -> PartitionSpec:
+    """Spec sharding dim 0 over `axes` (trailing axes dropped while they do not divide `dim0`), rest replicated."""
+    names = [a for a in axes if a in mesh.shape and mesh.shape[a] > 1]
+    if dim0 is not None:
+        while names and dim0 % math.prod(mesh.shape[a] for a in names):
+            names.pop()
+    lead = None if not names else names[0] if len(names) == 1 else tuple(names)
+    return PartitionSpec(lead, *([None] * (ndim - 1))) if ndim else PartitionSpec()
+
+
+def batch_sharding(x: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """NamedSharding for one array `x` (or ShapeDtypeStruct) with its batch dim over `axes`."""
+    shape = np.shape(x) if not hasattr(x, "shape") else x.shape
+    return NamedSharding(mesh, batch_spec(len(shape), mesh, shape[0] if shape else None, axes))
+
+
+def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> Any:
+    """Put every array of a pytree on `mesh`, leading (batch) dim over ('data', 'fsdp'); scalars replicated."""
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x, mesh, axes)), batch)
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for a `KVCache`: k/v `[layers, batch, length, kv_heads, head_dim]`, mask `[batch, length]`."""
+    from capo_jax.models.cache import CACHE_AXES
+
+    return type(cache)(**{
+        f: logical_to_sharding(CACHE_AXES[f], mesh, rules, getattr(cache, f).shape) for f in cache._fields})
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
