@@ -1,0 +1,406 @@
+"""Compiled KV-cache sampler: a jitted prefill, then a jitted `lax.while_loop` decode that stops early.
+
+Policy rollouts and critic generation both call `generate`. Prompts are left-padded into static length and
+batch buckets; each prompt is prefilled once and its cache broadcast to its `n` samples. Row `i * n + j`
+holds sample `j` of prompt `i`; its random key derives from (rng, i, j, step) only, so results do not depend
+on bucket padding or device count. The jitted functions take the model's graphdef and a hashable plan as
+static arguments, so later calls with new weights or new prompts in the same bucket compile nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from capo_jax.models import KVCache, init_cache
+from capo_jax.models.config import canonical_dtype
+
+__all__ = ["GenerationResult", "SamplingParams", "TextGenerationResult", "generate", "generate_text",
+           "prompt_bucket", "batch_bucket"]
+
+
+# ----------------------------------------------------------------------------- public types
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample (frozen, hashable).
+
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Sequences stop at any of
+    `stop_token_ids` and, unless `ignore_eos`, at the model config's EOS ids; the stop token is returned.
+    `kv_cache_dtype` None means bfloat16 on accelerators and the model's compute dtype on CPU.
+    `pad_token_id` None means the model config's pad id (0 if it has none). Prompt lengths round up to a
+    power of two up to `bucket_multiple`, then to a multiple of it. `share_prefix=False` prefills every
+    sample separately (same keys, same tokens; for tests and comparisons).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    kv_cache_dtype: str | None = None
+    pad_token_id: int | None = None
+    bucket_multiple: int = 64
+    share_prefix: bool = True
+
+    def __post_init__(self):
+        stops = self.stop_token_ids
+        if isinstance(stops, (int, np.integer)):
+            stops = (stops,)
+        object.__setattr__(self, "stop_token_ids", tuple(sorted({int(t) for t in stops})))
+        if self.kv_cache_dtype is not None:
+            object.__setattr__(self, "kv_cache_dtype", canonical_dtype(self.kv_cache_dtype))
+        if int(self.n) < 1:
+            raise ValueError(f"SamplingParams.n={self.n}: need at least one sample per prompt")
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if not (float(self.temperature) >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"SamplingParams.temperature={self.temperature}: use 0 (greedy) or a positive number")
+        if int(self.top_k) < 0:
+            raise ValueError(f"SamplingParams.top_k={self.top_k}: use 0 (off) or a positive count")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"SamplingParams.top_p={self.top_p}: must lie in (0, 1] (1 = off)")
+        if int(self.bucket_multiple) < 1:
+            raise ValueError(f"SamplingParams.bucket_multiple={self.bucket_multiple}: must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return float(self.temperature) == 0.0
+
+
+class GenerationResult(NamedTuple):
+    """Per sample (row `i * n + j` = sample j of prompt i): new token ids (pad past `lengths`), the
+    temperature-1 log-probability of each sampled token under the raw logits (0 past `lengths`), and the
+    number of new tokens including the stop token."""
+
+    tokens: np.ndarray  # int32[N, max_new_tokens]
+    logprobs: np.ndarray  # float32[N, max_new_tokens]
+    lengths: np.ndarray  # int32[N]
+
+
+class TextGenerationResult(NamedTuple):
+    """`GenerationResult` plus the decoded text of each sample (without its stop token)."""
+
+    texts: list[str]
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+
+
+# ----------------------------------------------------------------------------- buckets and the static plan
+
+
+def prompt_bucket(length: int, multiple: int = 64) -> int:
+    """Static prompt length: the next power of two (at least 8) up to `multiple`, then a multiple of it."""
+    if length <= multiple:
+        return max(8, 1 << max(0, int(length) - 1).bit_length())
+    return -(-int(length) // multiple) * multiple
+
+
+def batch_bucket(count: int, multiple_of: int = 1) -> int:
+    """Static prompt-batch size: the next power of two, rounded up to a multiple of the data-parallel size."""
+    size = 1 << max(0, int(count) - 1).bit_length()
+    return -(-size // multiple_of) * multiple_of
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one compiled generate: shapes, sampling switches, shardings."""
+
+    batch: int  # prompt rows (bucketed)
+    prompt_len: int  # prompt length bucket
+    n: int
+    max_new: int
+    cache_dtype: str
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    share_prefix: bool
+    row_sharding: NamedSharding | None
+    cache_sharding: KVCache | None  # of NamedSharding, for the decode cache
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.n
+
+    @property
+    def cache_len(self) -> int:
+        return self.prompt_len + self.max_new - 1  # the last sampled token is never fed back
+
+
+class _Carry(NamedTuple):
+    """Decode loop state (donated between prefill and decode)."""
+
+    cache: KVCache
+    tokens: jax.Array  # int32[N, max_new]
+    logprobs: jax.Array  # float32[N, max_new]
+    last: jax.Array  # int32[N] last sampled token (the next input)
+    done: jax.Array  # bool[N]
+    lengths: jax.Array  # int32[N]
+    prompt_lens: jax.Array  # int32[N] real prompt tokens (the position of new token 0)
+    prompt_idx: jax.Array  # int32[N]
+    sample_idx: jax.Array  # int32[N]
+    step: jax.Array  # int32[] tokens generated so far
+
+
+# ----------------------------------------------------------------------------- device side (pure, jitted)
+
+
+def _row_keys(rng: jax.Array, prompt_idx: jax.Array, sample_idx: jax.Array, step: jax.Array) -> jax.Array:
+    """One key per row from (rng, prompt index, sample index, step): independent of batch layout."""
+    def one(i, j):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, i), j), step)
+    return jax.vmap(one)(prompt_idx, sample_idx)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, *, greedy: bool, top_k: int, use_top_p: bool,
+                  temperature: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row of float32 logits[N, V] -> (int32[N], float32[N] log-prob under log_softmax(logits)).
+
+    Filters apply to the temperature-scaled logits; the returned log-prob is always the raw temperature-1 one."""
+    vocab = logits.shape[-1]
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        z = logits / temperature
+        if top_k or use_top_p:
+            k = min(top_k, vocab) if top_k else vocab
+            vals, idx = jax.lax.top_k(z, k)
+            if use_top_p:
+                probs = jax.nn.softmax(vals, axis=-1)
+                before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate: keeps the top one
+                vals = jnp.where(before < top_p, vals, -jnp.inf)
+            choice = jax.vmap(jax.random.categorical)(keys, vals)
+            tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        else:
+            tok = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+    return tok, picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _constrain(x: Any, sharding: Any) -> Any:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Array, mask: jax.Array,
+             prompt_idx: jax.Array, valid: jax.Array, rng: jax.Array, temperature: jax.Array,
+             top_p: jax.Array) -> _Carry:
+    """Prefill the bucketed prompts once, broadcast the cache to n samples, sample token 0 -> decode carry."""
+    model = nnx.merge(graphdef, state)
+    n = plan.n
+    if not plan.share_prefix:
+        ids, mask, prompt_idx, valid = (jnp.repeat(a, n, axis=0) for a in (ids, mask, prompt_idx, valid))
+    rows = ids.shape[0]
+    cache = init_cache(model.config, rows, plan.cache_len, plan.cache_dtype)
+    if plan.share_prefix and n == 1 or not plan.share_prefix:
+        cache = _constrain(cache, plan.cache_sharding)
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    hidden, cache = model.hidden_states(ids, mask, positions, cache)
+    logits = model.logits(hidden[:, -1])  # left padding: the last column is every row's last real token
+    prompt_lens = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    if plan.share_prefix and n > 1:
+        rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
+        cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask), index=cache.index)
+        cache = _constrain(cache, plan.cache_sharding)
+        logits, prompt_lens, prompt_idx, valid = rep(logits), rep(prompt_lens), rep(prompt_idx), rep(valid)
+    sample_idx = jnp.tile(jnp.arange(n, dtype=jnp.int32), plan.batch)
+    step = jnp.zeros((), jnp.int32)
+    keys = _row_keys(rng, prompt_idx, sample_idx, step)
+    tok, lp = sample_logits(logits, keys, greedy=plan.greedy, top_k=plan.top_k, use_top_p=plan.use_top_p,
+                            temperature=temperature, top_p=top_p)
+    stops = jnp.asarray(plan.stop_ids, jnp.int32)
+    rows_c = lambda a: _constrain(a, plan.row_sharding)  # noqa: E731
+    tokens = jnp.full((rows, plan.max_new), plan.pad_id, jnp.int32).at[:, 0].set(tok)
+    logprobs = jnp.zeros((rows, plan.max_new), jnp.float32).at[:, 0].set(lp)
+    done = ~valid | (jnp.isin(tok, stops) if plan.stop_ids else jnp.zeros_like(valid))
+    return _Carry(cache=cache, tokens=rows_c(tokens), logprobs=rows_c(logprobs), last=rows_c(tok),
+                  done=rows_c(done), lengths=rows_c(jnp.ones((rows,), jnp.int32)),
+                  prompt_lens=rows_c(prompt_lens), prompt_idx=rows_c(prompt_idx), sample_idx=rows_c(sample_idx),
+                  step=step + 1)
+
+
+def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry, rng: jax.Array,
+            temperature: jax.Array, top_p: jax.Array) -> _Carry:
+    """Feed the last token, sample the next, until every row stopped or `max_new` tokens exist."""
+    stops = jnp.asarray(plan.stop_ids, jnp.int32)
+    ones = jnp.ones((plan.rows, 1), bool)
+
+    def cond(c: _Carry) -> jax.Array:
+        return (c.step < plan.max_new) & ~jnp.all(c.done)
+
+    def body(c: _Carry) -> _Carry:
+        model = nnx.merge(graphdef, state)
+        positions = (c.prompt_lens + c.step - 1)[:, None]
+        hidden, cache = model.hidden_states(c.last[:, None], ones, positions, c.cache)
+        logits = model.logits(hidden[:, 0])
+        keys = _row_keys(rng, c.prompt_idx, c.sample_idx, c.step)
+        tok, lp = sample_logits(logits, keys, greedy=plan.greedy, top_k=plan.top_k, use_top_p=plan.use_top_p,
+                                temperature=temperature, top_p=top_p)
+        active = ~c.done
+        tok = jnp.where(active, tok, plan.pad_id)
+        lp = jnp.where(active, lp, 0.0)
+        tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))
+        logprobs = jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.step))
+        stopped = jnp.isin(tok, stops) if plan.stop_ids else jnp.zeros_like(active)
+        return c._replace(cache=cache, tokens=tokens, logprobs=logprobs, last=tok, done=c.done | (active & stopped),
+                          lengths=c.lengths + active.astype(jnp.int32), step=c.step + 1)
+
+    return jax.lax.while_loop(cond, body, carry)
+
+
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1))
+_DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,))
+
+
+def compiled_cache_sizes() -> tuple[int, int]:
+    """How many (prefill, decode) executables are compiled so far (one per graphdef and bucket)."""
+    return _PREFILL._cache_size(), _DECODE._cache_size()
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[np.ndarray]:
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists (e.g. [[1, 2, 3], [4, 5]])")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"prompt {i} is a string: generate() takes token ids; use generate_text() for strings")
+        arr = np.asarray(p, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): check the tokenizer matches the model")
+        out.append(arr.astype(np.int32))
+    return out
+
+
+def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
+    if mesh is None:
+        return ()
+    return tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def _cache_dtype(params: SamplingParams, config: Any, mesh: Mesh | None) -> str:
+    if params.kv_cache_dtype is not None:
+        return params.kv_cache_dtype
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return canonical_dtype(config.dtype) if device.platform == "cpu" else "bfloat16"
+
+
+def _eos_ids(config: Any) -> tuple[int, ...]:
+    eos = config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
+
+
+def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingParams,
+               mesh: Mesh | None) -> _Plan:
+    axes = _batch_axes(mesh)
+    dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    batch = batch_bucket(num_prompts, dp)
+    prompt_len = prompt_bucket(max_prompt, params.bucket_multiple)
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(_eos_ids(config)))
+    pad = params.pad_token_id if params.pad_token_id is not None else config.pad_token_id
+    plan = _Plan(batch=batch, prompt_len=prompt_len, n=int(params.n), max_new=int(params.max_new_tokens),
+                 cache_dtype=_cache_dtype(params, config, mesh), greedy=params.greedy, top_k=int(params.top_k),
+                 use_top_p=float(params.top_p) < 1.0, stop_ids=tuple(sorted(stops)),
+                 pad_id=int(pad if pad is not None else 0), share_prefix=bool(params.share_prefix),
+                 row_sharding=None, cache_sharding=None)
+    if mesh is None:
+        return plan
+    from capo_jax import parallel
+
+    abstract = jax.eval_shape(lambda: init_cache(config, plan.rows, plan.cache_len, plan.cache_dtype))
+    cache_sharding = parallel.cache_shardings(abstract, mesh, parallel.inference_rules())
+    row_sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    return dataclasses.replace(plan, row_sharding=row_sharding, cache_sharding=cache_sharding)
+
+
+def _pad_prompts(prompts: list[np.ndarray], plan: _Plan) -> tuple[np.ndarray, ...]:
+    """Left-pad into [batch, prompt_len]; filler rows hold one pad token and are marked invalid."""
+    ids = np.full((plan.batch, plan.prompt_len), plan.pad_id, np.int32)
+    mask = np.zeros((plan.batch, plan.prompt_len), bool)
+    for i, p in enumerate(prompts):
+        ids[i, plan.prompt_len - len(p):] = p
+        mask[i, plan.prompt_len - len(p):] = True
+    mask[len(prompts):, -1] = True
+    valid = np.arange(plan.batch) < len(prompts)
+    return ids, mask, np.arange(plan.batch, dtype=np.int32), valid
+
+
+def _as_key(rng: Any) -> jax.Array:
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.key(int(rng))
+    return rng
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, rng: Any,
+             mesh: Mesh | None = None) -> GenerationResult:
+    """Sample `params.n` continuations of each token-id prompt; row `i * n + j` is sample j of prompt i.
+
+    `model` is a `capo_jax.models.Transformer` (used live: its current weights, no copy). With `mesh`, rows go
+    over the ('data', 'fsdp') axes and cache heads over 'tensor'; the model state keeps the caller's sharding.
+    `rng` is a jax key (or an int seed)."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    plan = _make_plan(config, len(prompts), max(len(p) for p in prompts), params, mesh)
+    ids, mask, prompt_idx, valid = _pad_prompts(prompts, plan)
+    if mesh is not None:
+        in_sharding = NamedSharding(mesh, PartitionSpec(plan.row_sharding.spec[0]))
+        ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
+    graphdef, state = nnx.split(model)
+    rng = _as_key(rng)
+    temperature = jnp.float32(params.temperature if not params.greedy else 1.0)
+    top_p = jnp.float32(params.top_p)
+    carry = _PREFILL(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p)
+    carry = _DECODE(graphdef, plan, state, carry, rng, temperature, top_p)
+    rows = len(prompts) * plan.n
+    return GenerationResult(tokens=_to_host(carry.tokens)[:rows], logprobs=_to_host(carry.logprobs)[:rows],
+                            lengths=_to_host(carry.lengths)[:rows])
+
+
+def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, rng: Any,
+                  mesh: Mesh | None = None, *, add_special_tokens: bool = True) -> TextGenerationResult:
+    """`generate` on strings: encode with `tokenizer` (a transformers tokenizer), also stop at its EOS, and
+    decode each sample without its stop token and special tokens."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not one string: wrap it as [prompt]")
+    ids = [list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and not params.ignore_eos:
+        params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
+    result = generate(model, ids, params, rng, mesh)
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(_eos_ids(model.config)))
+    texts = []
+    for row, length in zip(result.tokens, result.lengths):
+        out = [int(t) for t in row[: int(length)]]
+        if out and out[-1] in stops:
+            out = out[:-1]
+        texts.append(tokenizer.decode(out, skip_special_tokens=True))
+    return TextGenerationResult(texts, *result)
