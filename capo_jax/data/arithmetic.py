@@ -22,6 +22,7 @@ WORLD_DEFAULTS: dict = {
     "ops": "+-*",  # allowed operators, a subset of "+-*/" ("/" only where it divides exactly)
     "max_value": 99,  # every intermediate result stays in [0, max_value]
     "num_test": 200,  # size of the held-out test split (never drawn for training)
+    "seed": 0,  # the world's seed: fixes the test split and the problem streams (the data seed picks a stream)
 }
 
 STEP_DELIMITER = "\n\n"
@@ -151,11 +152,14 @@ def world_config(world: Mapping[str, Any] | None = None) -> dict:
 
 
 class ArithmeticWorld:
-    """Seeded problem generator: `problem(i, split)` is a pure function of (seed, split, i)."""
+    """Seeded problem generator: `problem(i, split, stream)` is a pure function of (world seed, split, stream, i).
 
-    def __init__(self, world: Mapping[str, Any] | None = None, seed: int = 0):
+    `seed` overrides the world knob `seed` when given.
+    """
+
+    def __init__(self, world: Mapping[str, Any] | None = None, seed: int | None = None):
         self.cfg = world_config(world)
-        self.seed = int(seed)
+        self.seed = int(self.cfg["seed"] if seed is None else seed)
         self._test: tuple[Problem, ...] | None = None
         self._test_questions: frozenset[str] | None = None
 
@@ -186,10 +190,10 @@ class ArithmeticWorld:
             v = apply_op(v, op, b)
         return Problem(start, tuple(ops))
 
-    def _generate(self, split: str, index: int) -> Problem:
+    def _generate(self, split: str, index: int, stream: int = 0) -> Problem:
         if split not in _SPLIT_IDS:
             raise ValueError(f"arithmetic split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], int(index)])
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], int(stream), int(index)])
         for _ in range(_MAX_TRIES):
             p = self._draw(rng)
             if p is not None:
@@ -209,13 +213,13 @@ class ArithmeticWorld:
             self._test, self._test_questions = tuple(out), frozenset(seen)
         return self._test
 
-    def problem(self, index: int, split: str = "train") -> Problem:
-        """Problem `index` of a split; training problems never repeat a test question."""
+    def problem(self, index: int, split: str = "train", stream: int = 0) -> Problem:
+        """Problem `index` of a split (training: of stream `stream`); training problems never repeat a test question."""
         if split == "test":
             return self.test_set()[index]
         self.test_set()
         for attempt in range(_MAX_TRIES):
-            p = self._generate(split, int(index) + attempt * (1 << 40))
+            p = self._generate(split, int(index) + attempt * (1 << 40), stream)
             if p.question not in self._test_questions:
                 return p
         raise ValueError("the world is too small: every training draw is a test question; widen the knobs or lower num_test")
