@@ -1,5 +1,26 @@
-"""Bootstrap the demo's tiny policy: build the tokenizer, train from scratch on noisy solutions, save an HF folder."""
+"""Bootstrap the demo's tiny policy: build the tokenizer, train from scratch on noisy solutions, save an HF folder.
+
+The supervised phase shows the model solutions whose step results are sometimes off by a little
+(later steps carry the error on), so it ends up like a weak reasoner: it knows the format and
+often the arithmetic, but makes step errors that CAPO's step credit can target. A finished
+bootstrap is reused when the settings hash in `bootstrap.json` matches.
+"""
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from capo_jax.data.arithmetic import DEFAULT_TEMPLATE, ArithmeticWorld, format_prompt, world_config
+from capo_jax.data.tokenizer import save_tokenizer
 
 # The tiny policy's shape (config `demo.model`).
 MODEL_DEFAULTS: dict = {
@@ -7,7 +28,7 @@ MODEL_DEFAULTS: dict = {
     "hidden_size": 128,  # model width
     "intermediate_size": 384,  # MLP width
     "num_layers": 3,  # decoder layers
-    "num_heads": 4,  # attention heads
+    "num_heads": 4,  # attention heads (head_dim = hidden_size / num_heads)
     "num_kv_heads": 2,  # key/value heads (grouped-query attention)
     "max_position_embeddings": 256,  # longest prompt + response
     "rope_theta": 10000.0,  # rotary base
@@ -22,6 +43,212 @@ SFT_DEFAULTS: dict = {
     "weight_decay": 0.01,  # AdamW weight decay
     "noise_prob": 0.15,  # probability that a solution step's result is off (later steps carry the error)
     "noise_max": 2,  # a noisy result is off by 1..noise_max
-    "num_eval": 64,  # held-out problems for the greedy accuracy printed at the end
+    "num_eval": 64,  # held-out test problems for the greedy accuracy printed at the end
     "seed": 0,  # init, data and noise seed
 }
+
+BOOTSTRAP_VERSION = 1  # bump when the recipe changes, so old caches are retrained
+_MARKER = "bootstrap.json"
+_TRAIN_STREAM = 1 << 20  # the SFT problem stream (the RL data stream is data.seed)
+
+
+def _merge(defaults: Mapping[str, Any], given: Any, what: str) -> dict:
+    given = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown demo.{what} settings {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """A stable hash of the bootstrap settings (json with sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_config(m: Mapping[str, Any], tok: Any):
+    from capo_jax.models import ModelConfig
+
+    if m["hidden_size"] % m["num_heads"] or m["num_heads"] % m["num_kv_heads"]:
+        raise ValueError("demo.model needs hidden_size divisible by num_heads, and num_heads by num_kv_heads")
+    return ModelConfig(
+        vocab_size=len(tok),
+        hidden_size=int(m["hidden_size"]),
+        intermediate_size=int(m["intermediate_size"]),
+        num_layers=int(m["num_layers"]),
+        num_heads=int(m["num_heads"]),
+        num_kv_heads=int(m["num_kv_heads"]),
+        head_dim=int(m["hidden_size"]) // int(m["num_heads"]),
+        rope_theta=float(m["rope_theta"]),
+        max_position_embeddings=int(m["max_position_embeddings"]),
+        model_type=str(m["model_type"]),
+        attention_bias=str(m["model_type"]) == "qwen2",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def sft_data(world: ArithmeticWorld, tok: Any, n: int, sft: Mapping[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` noisy training sequences `<s> prompt solution </s>` as (ids[n, L], loss mask[n, L] on the solution + eos)."""
+    rng = np.random.default_rng([seed, 7])
+    prompts, completions = [], []
+    for i in range(n):
+        p = world.problem(i, "train", stream=_TRAIN_STREAM + seed)
+        text, _ = p.noisy_solution(rng, float(sft["noise_prob"]), int(sft["noise_max"]))
+        prompts.append(format_prompt(p.question, DEFAULT_TEMPLATE))
+        completions.append(text)
+    p_ids = tok(prompts)["input_ids"]
+    c_ids = tok(completions, add_special_tokens=False)["input_ids"]
+    length = max(len(a) + len(b) + 1 for a, b in zip(p_ids, c_ids))
+    length = -(-length // 8) * 8
+    ids = np.full((n, length), tok.pad_token_id, np.int32)
+    mask = np.zeros((n, length), np.float32)
+    for r, (a, b) in enumerate(zip(p_ids, c_ids)):
+        seq = a + b + [tok.eos_token_id]
+        ids[r, : len(seq)] = seq
+        mask[r, len(a) : len(seq)] = 1.0
+    return ids, mask
+
+
+def _train(model, ids: np.ndarray, mask: np.ndarray, sft: Mapping[str, Any], log: Callable[[str], None]) -> list[float]:
+    steps, bs = int(sft["steps"]), int(sft["batch_size"])
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, float(sft["learning_rate"]), max(1, int(sft["warmup_steps"])), max(steps, int(sft["warmup_steps"]) + 1)
+    )
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=float(sft["weight_decay"])))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, x, m):
+        logits = nnx.merge(graphdef, params, rest)(x[:, :-1])  # right padding: pads never precede real tokens
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
+        w = m[:, 1:]
+        return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    @jax.jit
+    def step(params, opt_state, x, m):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, m)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses, t0 = [], time.perf_counter()
+    every = max(1, steps // 10)
+    for s in range(steps):
+        sl = slice(s * bs, (s + 1) * bs)
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(ids[sl]), jnp.asarray(mask[sl]))
+        losses.append(float(loss))
+        if (s + 1) % every == 0 or s == 0:
+            log(f"[bootstrap] step {s + 1}/{steps}  loss {np.mean(losses[-every:]):.4f}  {time.perf_counter() - t0:.1f}s")
+    nnx.update(model, params)
+    return losses
+
+
+def greedy_answers(model, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions (full recompute per token on left-padded prompts; fine for the tiny demo model)."""
+    enc = [tok(p)["input_ids"] for p in prompts]
+    plen = max(len(e) for e in enc)
+    total = plen + max_new_tokens
+    ids = np.full((len(enc), total), tok.pad_token_id, np.int32)
+    am = np.zeros((len(enc), total), bool)
+    for r, e in enumerate(enc):
+        ids[r, plen - len(e) : plen] = e
+        am[r, plen - len(e) : plen] = True
+    graphdef, state = nnx.split(model)
+    eos = tok.eos_token_id
+
+    @jax.jit
+    def run(state, ids, am):
+        m = nnx.merge(graphdef, state)
+
+        def body(t, carry):
+            ids, am, done = carry
+            logits = m(ids, attention_mask=am)
+            nxt = jnp.argmax(logits[:, t - 1], axis=-1).astype(jnp.int32)
+            nxt = jnp.where(done, tok.pad_token_id, nxt)
+            ids = ids.at[:, t].set(nxt)
+            am = am.at[:, t].set(~done)
+            return ids, am, done | (nxt == eos)
+
+        done = jnp.zeros((ids.shape[0],), bool)
+        ids, am, _ = jax.lax.fori_loop(plen, total, body, (ids, am, done))
+        return ids
+
+    out = np.asarray(run(state, jnp.asarray(ids), jnp.asarray(am)))
+    return [tok.decode([t for t in row[plen:] if t != eos and t != tok.pad_token_id]) for row in out]
+
+
+def evaluate_world(model, tok: Any, world: ArithmeticWorld, num: int, max_new_tokens: int) -> dict[str, float]:
+    """Greedy answer accuracy and true step-error rate of `model` on the world's first `num` test problems."""
+    from capo_jax.critic.rule import true_wrong_steps
+    from capo_jax.data.arithmetic import STEP_DELIMITER
+    from capo_jax.data.templates import last_boxed
+
+    tests = world.test_set()[:num]
+    outs = greedy_answers(model, tok, [format_prompt(p.question) for p in tests], max_new_tokens)
+    correct = [last_boxed(o) == p.answer for o, p in zip(outs, tests)]
+    step_err = [len(true_wrong_steps(o.split(STEP_DELIMITER))) / max(1, len(o.split(STEP_DELIMITER))) for o in outs]
+    return {"accuracy": float(np.mean(correct)), "step_error_rate": float(np.mean(step_err)), "num": len(tests)}
+
+
+def bootstrap_policy(
+    out_dir: str,
+    *,
+    world: Any = None,
+    model: Any = None,
+    sft: Any = None,
+    seed: int | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Build (or reuse) the demo policy in `out_dir` and return its path: an HF folder with the tokenizer.
+
+    `world`, `model`, `sft` override `WORLD_DEFAULTS` / `MODEL_DEFAULTS` / `SFT_DEFAULTS`;
+    `seed`, when given, overrides `sft.seed`.
+    """
+    from capo_jax.models import Transformer, save_pretrained
+
+    w = world_config(world.to_dict() if hasattr(world, "to_dict") else world)
+    m = _merge(MODEL_DEFAULTS, model, "model")
+    s = _merge(SFT_DEFAULTS, sft, "sft")
+    if seed is not None:
+        s["seed"] = int(seed)
+    if m["model_type"] not in ("llama", "qwen2"):
+        raise ValueError(f"demo.model.model_type must be llama or qwen2, got {m['model_type']!r}")
+    settings = {"version": BOOTSTRAP_VERSION, "world": w, "model": m, "sft": s}
+    digest = settings_hash(settings)
+    marker = os.path.join(out_dir, _MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done.get("settings_hash") == digest and os.path.exists(os.path.join(out_dir, "config.json")):
+            log(f"[bootstrap] reusing the finished bootstrap in {out_dir} (settings {digest})")
+            return out_dir
+        log(f"[bootstrap] {out_dir} holds a bootstrap with other settings: retraining")
+        os.remove(marker)
+
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    tok = save_tokenizer(out_dir)
+    the_world = ArithmeticWorld(w)
+    ids, mask = sft_data(the_world, tok, int(s["steps"]) * int(s["batch_size"]), s, int(s["seed"]))
+    cfg = _model_config(m, tok)
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"SFT sequences need {ids.shape[1]} positions; raise demo.model.max_position_embeddings")
+    policy = Transformer(cfg, rngs=nnx.Rngs(int(s["seed"])))
+    log(f"[bootstrap] training a {cfg.num_layers}-layer, {cfg.hidden_size}-wide {cfg.model_type} policy "
+        f"({sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))/1e6:.2f}M params) for {s['steps']} steps "
+        f"on noisy solutions (noise {s['noise_prob']}), sequences of {ids.shape[1]} tokens")
+    losses = _train(policy, ids, mask, s, log)
+    train_s = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "train_seconds": train_s}
+    if int(s["num_eval"]) > 0:
+        gen = ids.shape[1]
+        metrics.update(evaluate_world(policy, tok, the_world, int(s["num_eval"]), gen))
+        log(f"[bootstrap] held-out greedy accuracy {metrics['accuracy']:.3f}, "
+            f"step error rate {metrics['step_error_rate']:.3f} on {metrics['num']} problems")
+    save_pretrained(policy, out_dir)
+    metrics["total_seconds"] = time.perf_counter() - t0
+    with open(marker, "w") as f:
+        json.dump({"settings_hash": digest, "settings": settings, "metrics": metrics}, f, indent=1)
+    log(f"[bootstrap] saved {out_dir} in {metrics['total_seconds']:.1f}s")
+    return out_dir
