@@ -15,6 +15,9 @@ import jax
 import numpy as np
 
 from capo_jax.critic.base import CriticStats, CritiqueRequest
+from capo_jax.critic.prompt import (DEFAULT_OUTCOME_TEMPLATE, DEFAULT_TEMPLATE, PromptTemplate, render_outcome_prompt,
+                                    render_prompt)
+from capo_jax.sampling import SamplingParams, generate
 
 # Fields of the `critic` config section this backend reads (the config schema copies them).
 DEFAULTS: dict[str, Any] = {
@@ -27,7 +30,12 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 8,  # requests prefilled together per generate call (x M sampled rows)
     "devices": "",  # "" = the policy's mesh; or device indices "0,1" / [0, 1] / "first:4" / "last:4"
     "index_base": 0,  # number of the first step in the rendered prompt and in the verdicts
-    "template": "default",  # critic prompt template name (see capo_jax.critic.render_prompt)
+    "template": "default",  # critic prompt template name: a key of genprm.TEMPLATES
+}
+
+# Prompt templates by config name: (step-critique template, outcome-judgement template).
+TEMPLATES: dict[str, tuple[PromptTemplate, PromptTemplate]] = {
+    "default": (DEFAULT_TEMPLATE, DEFAULT_OUTCOME_TEMPLATE),
 }
 
 # End-of-turn tokens of common chat formats; a critique stops at the first one in the vocabulary.
@@ -90,6 +98,28 @@ def stop_token_ids(tokenizer: Any, model_dir: str | None = None) -> list[int]:
     return sorted(ids)
 
 
+def resolve_template(template: str | PromptTemplate) -> tuple[PromptTemplate, PromptTemplate]:
+    """The (critique, outcome) templates a config name stands for; a PromptTemplate is used for critiques."""
+    if isinstance(template, PromptTemplate):
+        return template, DEFAULT_OUTCOME_TEMPLATE
+    if template not in TEMPLATES:
+        raise ValueError(f"critic.template={template!r} is unknown: use one of {sorted(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+def check_settings(*, max_prompt_tokens: int, max_new_tokens: int, batch_size: int, temperature: float,
+                   top_p: float) -> None:
+    """Raise a ValueError naming the `critic.*` key when a generation setting is out of range."""
+    for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"critic.{name}={value}: must be a positive integer")
+    if not float(temperature) >= 0.0:
+        raise ValueError(f"critic.temperature={temperature}: must be >= 0 (0 = greedy)")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"critic.top_p={top_p}: must be in (0, 1] (1 = off)")
+
+
 def _cfg_get(cfg: Any, key: str) -> Any:
     """Read one field from a dict or ConfigDict section, falling back to DEFAULTS."""
     if isinstance(cfg, Mapping):
@@ -112,17 +142,11 @@ class GenPRMCritic:
         top_p: float = DEFAULTS["top_p"],
         batch_size: int = DEFAULTS["batch_size"],
         index_base: int = DEFAULTS["index_base"],
-        template: str = DEFAULTS["template"],
+        template: str | PromptTemplate = DEFAULTS["template"],
         stop_tokens: Sequence[int] | None = None,
     ) -> None:
-        for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens),
-                            ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"critic.{name}={value}: must be a positive integer")
-        if not temperature >= 0.0:
-            raise ValueError(f"critic.temperature={temperature}: must be >= 0 (0 = greedy)")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"critic.top_p={top_p}: must be in (0, 1]")
+        check_settings(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       temperature=temperature, top_p=top_p)
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -132,7 +156,7 @@ class GenPRMCritic:
         self.top_p = float(top_p)
         self.batch_size = int(batch_size)
         self.index_base = int(index_base)
-        self.template = template
+        self.template, self.outcome_template = resolve_template(template)
         self.stop_tokens = list(stop_token_ids(tokenizer) if stop_tokens is None else stop_tokens)
         self._stats = CriticStats()
 
@@ -149,6 +173,11 @@ class GenPRMCritic:
         if not path or not os.path.isdir(path):
             raise ValueError(f"critic.path={path!r} is not a folder: point it at a local Hugging Face "
                              "checkpoint folder (config.json, *.safetensors, tokenizer files)")
+        settings = {key: _cfg_get(critic_cfg, key) for key in
+                    ("max_prompt_tokens", "max_new_tokens", "temperature", "top_p", "batch_size")}
+        check_settings(**settings)
+        template = _cfg_get(critic_cfg, "template")
+        resolve_template(template)
         devices = select_devices(_cfg_get(critic_cfg, "devices"))
         if devices is not None:
             mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
@@ -161,13 +190,9 @@ class GenPRMCritic:
             model,
             tokenizer,
             mesh=mesh,
-            max_prompt_tokens=_cfg_get(critic_cfg, "max_prompt_tokens"),
-            max_new_tokens=_cfg_get(critic_cfg, "max_new_tokens"),
-            temperature=_cfg_get(critic_cfg, "temperature"),
-            top_p=_cfg_get(critic_cfg, "top_p"),
-            batch_size=_cfg_get(critic_cfg, "batch_size"),
             index_base=_cfg_get(critic_cfg, "index_base"),
-            template=_cfg_get(critic_cfg, "template"),
+            template=template,
+            **settings,
             stop_tokens=stop_token_ids(tokenizer, path),
         )
 
@@ -179,34 +204,29 @@ class GenPRMCritic:
     def critique(
         self, requests: Sequence[CritiqueRequest], num_samples: int, rng: np.random.Generator
     ) -> list[list[str]]:
-        """M step critiques per request; a request whose prompt is over budget gets []."""
-        from capo_jax.critic import render_prompt
-
-        def render(request: CritiqueRequest) -> str:
-            return render_prompt(request.question, list(request.steps), reference=request.reference,
-                                 template=self.template, index_base=self.index_base)
-
-        return self._generate([render(r) for r in requests], num_samples, rng)
+        """M step critiques per request; a request with no steps or an over-budget prompt gets []."""
+        prompts = [
+            render_prompt(r.question, r.steps, reference=r.reference, template=self.template,
+                          index_base=self.index_base, tokenizer=self.tokenizer) if r.steps else None
+            for r in requests
+        ]
+        return self._generate(prompts, num_samples, rng)
 
     def judge_outcome(
         self, requests: Sequence[CritiqueRequest], num_samples: int, rng: np.random.Generator
     ) -> list[list[str]]:
         """M final-answer judgements per request (the `genorm` baseline); [] when over budget."""
-        from capo_jax.critic import render_outcome_prompt
+        prompts = [
+            render_outcome_prompt(r.question, r.steps, reference=r.reference, template=self.outcome_template,
+                                  tokenizer=self.tokenizer)
+            for r in requests
+        ]
+        return self._generate(prompts, num_samples, rng)
 
-        def render(request: CritiqueRequest) -> str:
-            return render_outcome_prompt(request.question, list(request.steps), reference=request.reference)
-
-        return self._generate([render(r) for r in requests], num_samples, rng)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one rendered prompt, through the chat template when the tokenizer has one."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(text, add_special_tokens=True)["input_ids"])
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of one rendered prompt (a chat-templated prompt already holds its special tokens)."""
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        return list(self.tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
 
     def decode(self, row: np.ndarray, length: int) -> str:
         """Text of one sampled row, cut at its first stop token."""
@@ -218,15 +238,16 @@ class GenPRMCritic:
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _generate(self, prompts: Sequence[str], num_samples: int, rng: np.random.Generator) -> list[list[str]]:
-        """Tokenize, refuse over-budget prompts, and sample `num_samples` texts per prompt."""
-        from capo_jax.sampling import SamplingParams, generate
-
+    def _generate(self, prompts: Sequence[str | None], num_samples: int, rng: np.random.Generator) -> list[list[str]]:
+        """Tokenize, refuse over-budget prompts (and None), and sample `num_samples` texts per prompt
+        with one prefill per prompt, `batch_size` prompts per generate call."""
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples}: the critic needs at least one sample per request")
         start = time.perf_counter()
-        encoded = [self.encode(p) for p in prompts]
-        keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= self.max_prompt_tokens]
+        encoded = [[] if p is None else self.encode(p) for p in prompts]
+        # Similar lengths share a generate call: less padding in the prompt-length bucket.
+        keep = sorted((i for i, ids in enumerate(encoded) if 0 < len(ids) <= self.max_prompt_tokens),
+                      key=lambda i: len(encoded[i]))
         out: list[list[str]] = [[] for _ in prompts]
         params = SamplingParams(n=num_samples, temperature=self.temperature, top_p=self.top_p,
                                 max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_tokens))
