@@ -81,6 +81,8 @@ def normalize_answer(value: Any, answer_format: str) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # e.g. AMC23 stores 10.0 for the answer 10
     text = str(value).strip()
     if answer_format == "gsm8k":
         if "####" not in text:

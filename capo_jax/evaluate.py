@@ -1,0 +1,238 @@
+"""python -m capo_jax.evaluate: score a policy on named benchmarks (greedy pass@1, sampled avg@k and pass@k).
+
+    python -m capo_jax.evaluate --model PATH --benchmarks math500,gsm8k,aime24,amc23 \\
+        [--data_dir DIR] [--num_samples 8 --temperature 1.0] [--output results.json]
+
+`--model` is a Hugging Face folder (config.json + safetensors + tokenizer) or a training workdir
+(through `capo_jax.export.load_policy` when that module is installed). Benchmarks come from
+`--data_dir/<name>.jsonl|json|parquet` when present, else from the hub; `file:<path>` scores any
+local question/answer file (fields from `--question_field` / `--answer_field`). Prints a table
+and writes a JSON file with every setting and metric.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from capo_jax.data.benchmarks import REGISTRY, Benchmark, Item, load_benchmark, local_benchmark
+from capo_jax.data.templates import check_template, encode_prompt, render_prompt
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def ks_for(n: int) -> list[int]:
+    """The k values reported for n samples: powers of two up to n, and n."""
+    ks = [1 << i for i in range(n.bit_length()) if (1 << i) <= n]
+    return sorted(set(ks + [n]))
+
+
+def score_benchmark(
+    bench: Benchmark,
+    items: Sequence[Item],
+    greedy: Sequence[str] | None,
+    samples: Sequence[Sequence[str]] | None,
+    *,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Metrics of one benchmark from its responses: greedy accuracy, and avg@n / pass@k over n samples per item."""
+    from capo_jax.rewards.verify import score
+
+    refs = [it.reference for it in items]
+    out: dict[str, Any] = {"num_items": len(items), "answer_format": bench.answer_format}
+    if greedy is not None:
+        ok = score(list(greedy), refs, timeout=timeout, answer_format=bench.answer_format)
+        out["greedy_correct"] = ok.astype(int).tolist()
+        out["pass@1_greedy"] = float(ok.mean())
+    if samples is not None:
+        n = len(samples[0])
+        if any(len(s) != n for s in samples) or len(samples) != len(items):
+            raise ValueError("samples must hold the same number of responses for every item")
+        flat = score([r for s in samples for r in s], [r for r in refs for _ in range(n)], timeout=timeout,
+                     answer_format=bench.answer_format).reshape(len(items), n)
+        counts = flat.sum(axis=1).astype(int)
+        out["num_samples"] = n
+        out["sample_correct_counts"] = counts.tolist()
+        out[f"avg@{n}"] = float(flat.mean())
+        for k in ks_for(n):
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in counts]))
+    return out
+
+
+def load_model(path: str, *, step: int | None = None, dtype: str = "float32"):
+    """(model, tokenizer) from a Hugging Face folder, or from a training workdir via `capo_jax.export.load_policy`."""
+    from transformers import AutoTokenizer
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from capo_jax.models import from_pretrained
+
+        return from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path!r} is not a folder: give a Hugging Face folder or a training workdir")
+    try:
+        export = importlib.import_module("capo_jax.export")
+    except ImportError:
+        export = None
+    if export is None or not hasattr(export, "load_policy"):
+        raise ValueError(f"{path} has no config.json and this install has no capo_jax.export.load_policy: "
+                         "export the checkpoint to a Hugging Face folder first (python -m capo_jax.export)")
+    loaded = export.load_policy(path, step=step)
+    if isinstance(loaded, tuple):
+        return loaded[0], loaded[1]
+    return loaded, AutoTokenizer.from_pretrained(getattr(loaded, "tokenizer_dir", path))
+
+
+def _generate(model, tok, prompts: list[list[int]], params, seed: int, batch_size: int, mesh) -> list[list[str]]:
+    """Decoded responses, `params.n` per prompt, in batches of `batch_size` prompts."""
+    from capo_jax.sampling import generate
+
+    eos = tok.eos_token_id
+    if eos is not None and not params.ignore_eos:
+        params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
+    stops = set(params.stop_token_ids) | set(np.atleast_1d(model.config.eos_token_id or []).tolist())
+    out: list[list[str]] = []
+    for b in range(0, len(prompts), batch_size):
+        res = generate(model, prompts[b : b + batch_size], params, seed * 1_000_003 + b, mesh)
+        texts = []
+        for row, length in zip(res.tokens, res.lengths):
+            ids = [int(t) for t in row[: int(length)]]
+            if ids and ids[-1] in stops:
+                ids = ids[:-1]
+            texts.append(tok.decode(ids, skip_special_tokens=True))
+        out.extend(texts[i * params.n : (i + 1) * params.n] for i in range(len(texts) // params.n))
+    return out
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    cols = []
+    for r in results.values():
+        for key in r:
+            if (key.startswith("pass@") or key.startswith("avg@")) and key not in cols:
+                cols.append(key)
+    head = f"{'benchmark':<16}{'items':>7}" + "".join(f"{c:>14}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        vals = "".join(f"{100 * r[c]:>13.1f}%" if c in r else f"{'-':>14}" for c in cols)
+        lines.append(f"{name:<16}{r['num_items']:>7}{vals}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m capo_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face folder, or a training workdir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
+    p.add_argument("--benchmarks", default="math500,gsm8k,aime24,amc23",
+                   help=f"comma list of {sorted(REGISTRY)} or file:<path>")
+    p.add_argument("--data_dir", default="", help="folder with <benchmark>.jsonl/.json/.parquet (else the hub)")
+    p.add_argument("--question_field", default="question", help="question field of file: benchmarks")
+    p.add_argument("--answer_field", default="answer", help="answer field of file: benchmarks")
+    p.add_argument("--answer_format", default="math", choices=("math", "choice"), help="for file: benchmarks")
+    p.add_argument("--reference_format", default="raw", choices=("raw", "gsm8k", "boxed"), help="for file: benchmarks")
+    p.add_argument("--template", default="", help="prompt format string with {question}; default per answer format")
+    p.add_argument("--use_chat_template", action="store_true", help="wrap prompts with the tokenizer's chat template")
+    p.add_argument("--system_prompt", default="", help="system message for the chat template")
+    p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")
+    p.add_argument("--greedy", type=int, default=1, choices=(0, 1), help="1: greedy pass@1")
+    p.add_argument("--num_samples", type=int, default=0, help="n sampled responses per item for avg@n / pass@k (0 = none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="response budget")
+    p.add_argument("--max_prompt_tokens", type=int, default=2048, help="longer prompts are skipped and counted")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
+    p.add_argument("--data_parallel", type=int, default=1, help="devices to spread rows over (-1: all; 1: no mesh)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-answer verification deadline, seconds")
+    p.add_argument("--output", default="eval_results.json", help="JSON file for the results")
+    p.add_argument("--save_responses", action="store_true", help="also keep every response in the JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation described by `argv`; returns the JSON-able results it wrote."""
+    args = _parser().parse_args(argv)
+    if not args.greedy and args.num_samples <= 0:
+        raise SystemExit("nothing to do: pass --greedy 1 and/or --num_samples N")
+    if args.template:
+        check_template(args.template)
+    from capo_jax.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, step=args.step, dtype=args.dtype)
+    mesh = None
+    if args.data_parallel != 1:
+        from capo_jax.parallel import make_mesh
+
+        mesh = make_mesh(data=args.data_parallel)
+    print(f"[evaluate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    responses: dict[str, Any] = {}
+    for spec in [s.strip() for s in args.benchmarks.split(",") if s.strip()]:
+        tb = time.perf_counter()
+        if spec.startswith("file:"):
+            bench, items, skipped = local_benchmark(
+                spec[5:], question_field=args.question_field, answer_field=args.answer_field,
+                answer_format=args.answer_format, reference_format=args.reference_format, limit=args.limit)
+        else:
+            bench, items, skipped = load_benchmark(spec, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
+        template = args.template or bench.template
+        prompts, kept = [], []
+        for it in items:
+            text = render_prompt(it.question, template, tokenizer=tok, use_chat_template=args.use_chat_template,
+                                 system_prompt=args.system_prompt)
+            ids = encode_prompt(tok, text, use_chat_template=args.use_chat_template)
+            if len(ids) <= args.max_prompt_tokens:
+                prompts.append(ids)
+                kept.append(it)
+        too_long = len(items) - len(kept)
+        if not kept:
+            raise SystemExit(f"benchmark {bench.name}: every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
+        greedy = samples = None
+        if args.greedy:
+            params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+            greedy = [r[0] for r in _generate(model, tok, prompts, params, args.seed, args.batch_size, mesh)]
+        if args.num_samples > 0:
+            params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens)
+            samples = _generate(model, tok, prompts, params, args.seed + 1, args.batch_size, mesh)
+        r = score_benchmark(bench, kept, greedy, samples, timeout=args.timeout)
+        r.update(domain=bench.domain, skipped_malformed=skipped, skipped_too_long=too_long,
+                 seconds=time.perf_counter() - tb)
+        results[bench.name] = r
+        if args.save_responses:
+            responses[bench.name] = [
+                {"question": it.question, "reference": it.reference,
+                 **({"greedy": greedy[i]} if greedy is not None else {}),
+                 **({"samples": samples[i]} if samples is not None else {})}
+                for i, it in enumerate(kept)]
+        shown = {k: round(v, 4) for k, v in r.items() if k.startswith(("pass@", "avg@"))}
+        print(f"[evaluate] {bench.name}: {len(kept)} items {shown} ({r['seconds']:.1f}s)", flush=True)
+    print(_table(results))
+    report = {"model": args.model, "settings": vars(args), "results": results}
+    if responses:
+        report["responses"] = responses
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"[evaluate] wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
