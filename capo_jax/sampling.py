@@ -124,7 +124,7 @@ class _Plan:
     greedy: bool
     top_k: int
     use_top_p: bool
-    stop_ids: tuple[int, ...]
+    stop_slots: int  # stop ids travel as a -1-padded int32[stop_slots] argument (new ids compile nothing)
     pad_id: int
     share_prefix: bool
     row_sharding: NamedSharding | None
@@ -194,15 +194,15 @@ def _constrain(x: Any, sharding: Any) -> Any:
 
 
 def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Array, mask: jax.Array,
-             prompt_idx: jax.Array, valid: jax.Array, rng: jax.Array, temperature: jax.Array,
-             top_p: jax.Array) -> _Carry:
+             prompt_idx: jax.Array, valid: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
+             stops: jax.Array) -> _Carry:
     """Prefill the bucketed prompts once, broadcast the cache to n samples, sample token 0 -> decode carry."""
     model = nnx.merge(graphdef, state)
     n = plan.n
     if not plan.share_prefix:
         ids, mask, prompt_idx, valid = (jnp.repeat(a, n, axis=0) for a in (ids, mask, prompt_idx, valid))
-    rows = ids.shape[0]
-    cache = init_cache(model.config, rows, plan.cache_len, plan.cache_dtype)
+    rows = plan.rows
+    cache = init_cache(model.config, ids.shape[0], plan.cache_len, plan.cache_dtype)
     if plan.share_prefix and n == 1 or not plan.share_prefix:
         cache = _constrain(cache, plan.cache_sharding)
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -219,11 +219,10 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
     keys = _row_keys(rng, prompt_idx, sample_idx, step)
     tok, lp = sample_logits(logits, keys, greedy=plan.greedy, top_k=plan.top_k, use_top_p=plan.use_top_p,
                             temperature=temperature, top_p=top_p)
-    stops = jnp.asarray(plan.stop_ids, jnp.int32)
     rows_c = lambda a: _constrain(a, plan.row_sharding)  # noqa: E731
     tokens = jnp.full((rows, plan.max_new), plan.pad_id, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((rows, plan.max_new), jnp.float32).at[:, 0].set(lp)
-    done = ~valid | (jnp.isin(tok, stops) if plan.stop_ids else jnp.zeros_like(valid))
+    done = ~valid | jnp.isin(tok, stops)
     return _Carry(cache=cache, tokens=rows_c(tokens), logprobs=rows_c(logprobs), last=rows_c(tok),
                   done=rows_c(done), lengths=rows_c(jnp.ones((rows,), jnp.int32)),
                   prompt_lens=rows_c(prompt_lens), prompt_idx=rows_c(prompt_idx), sample_idx=rows_c(sample_idx),
@@ -231,9 +230,8 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
 
 
 def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry, rng: jax.Array,
-            temperature: jax.Array, top_p: jax.Array) -> _Carry:
+            temperature: jax.Array, top_p: jax.Array, stops: jax.Array) -> _Carry:
     """Feed the last token, sample the next, until every row stopped or `max_new` tokens exist."""
-    stops = jnp.asarray(plan.stop_ids, jnp.int32)
     ones = jnp.ones((plan.rows, 1), bool)
 
     def cond(c: _Carry) -> jax.Array:
@@ -252,8 +250,8 @@ def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry
         lp = jnp.where(active, lp, 0.0)
         tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))
         logprobs = jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.step))
-        stopped = jnp.isin(tok, stops) if plan.stop_ids else jnp.zeros_like(active)
-        return c._replace(cache=cache, tokens=tokens, logprobs=logprobs, last=tok, done=c.done | (active & stopped),
+        return c._replace(cache=cache, tokens=tokens, logprobs=logprobs, last=tok,
+                          done=c.done | (active & jnp.isin(tok, stops)),
                           lengths=c.lengths + active.astype(jnp.int32), step=c.step + 1)
 
     return jax.lax.while_loop(cond, body, carry)
@@ -309,17 +307,22 @@ def _eos_ids(config: Any) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
 
 
+def _stop_ids(params: SamplingParams, config: Any) -> tuple[int, ...]:
+    """The ids that end a sequence: the params' stop ids plus, unless `ignore_eos`, the model's EOS ids."""
+    eos = () if params.ignore_eos else _eos_ids(config)
+    return tuple(sorted(set(params.stop_token_ids) | set(eos)))
+
+
 def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingParams,
                mesh: Mesh | None) -> _Plan:
     axes = _batch_axes(mesh)
     dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
     batch = batch_bucket(num_prompts, dp)
     prompt_len = prompt_bucket(max_prompt, params.bucket_multiple)
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(_eos_ids(config)))
     pad = params.pad_token_id if params.pad_token_id is not None else config.pad_token_id
     plan = _Plan(batch=batch, prompt_len=prompt_len, n=int(params.n), max_new=int(params.max_new_tokens),
                  cache_dtype=_cache_dtype(params, config, mesh), greedy=params.greedy, top_k=int(params.top_k),
-                 use_top_p=float(params.top_p) < 1.0, stop_ids=tuple(sorted(stops)),
+                 use_top_p=float(params.top_p) < 1.0, stop_slots=max(4, batch_bucket(len(_stop_ids(params, config)))),
                  pad_id=int(pad if pad is not None else 0), share_prefix=bool(params.share_prefix),
                  row_sharding=None, cache_sharding=None)
     if mesh is None:
@@ -378,8 +381,11 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
     rng = _as_key(rng)
     temperature = jnp.float32(params.temperature if not params.greedy else 1.0)
     top_p = jnp.float32(params.top_p)
-    carry = _PREFILL(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p)
-    carry = _DECODE(graphdef, plan, state, carry, rng, temperature, top_p)
+    stop_ids = _stop_ids(params, config)
+    stops = np.full((plan.stop_slots,), -1, np.int32)
+    stops[: len(stop_ids)] = stop_ids
+    carry = _PREFILL(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p, stops)
+    carry = _DECODE(graphdef, plan, state, carry, rng, temperature, top_p, stops)
     rows = len(prompts) * plan.n
     return GenerationResult(tokens=_to_host(carry.tokens)[:rows], logprobs=_to_host(carry.logprobs)[:rows],
                             lengths=_to_host(carry.lengths)[:rows])
@@ -396,7 +402,7 @@ def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], par
     if eos is not None and not params.ignore_eos:
         params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
     result = generate(model, ids, params, rng, mesh)
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(_eos_ids(model.config)))
+    stops = set(_stop_ids(params, model.config))
     texts = []
     for row, length in zip(result.tokens, result.lengths):
         out = [int(t) for t in row[: int(length)]]
