@@ -10,7 +10,8 @@ flax.config.update("flax_always_shard_variable", False)
 from capo_jax.models.cache import KVCache, init_cache  # noqa: E402
 from capo_jax.models.config import ModelConfig  # noqa: E402
 from capo_jax.models.hf_io import CheckpointError, from_pretrained, save_pretrained  # noqa: E402
-from capo_jax.models.transformer import Transformer, count_params, default_positions  # noqa: E402
+from capo_jax.models.transformer import (  # noqa: E402
+    Transformer, count_params, create_model, default_positions, forward)
 
-__all__ = ["CheckpointError", "KVCache", "ModelConfig", "Transformer", "count_params", "default_positions", "from_pretrained", "init_cache",
-           "save_pretrained"]
+__all__ = ["CheckpointError", "KVCache", "ModelConfig", "Transformer", "count_params", "create_model",
+           "default_positions", "forward", "from_pretrained", "init_cache", "save_pretrained"]

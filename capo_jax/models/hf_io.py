@@ -115,7 +115,7 @@ def _plan(flat: list[tuple[tuple, Any]], cfg: ModelConfig) -> list[_Entry]:
     plan = []
     for path, var in flat:
         names = [str(p) for p in path]
-        shape = tuple(var.value.shape)
+        shape = tuple(var.get_value().shape)
         if names[0] == "layers":
             if cfg.scan_layers:
                 rel, layers, stacked, shape = ".".join(names[1:]), range(cfg.num_layers), True, shape[1:]
@@ -268,7 +268,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     for (p, var), e in zip(flat, plan):
         sharding = None
         if mesh is not None:
-            sharding = parallel.logical_to_sharding(parallel.variable_names(var), mesh, rules, var.value.shape)
+            sharding = parallel.logical_to_sharding(parallel.variable_names(var), mesh, rules, var.get_value().shape)
         host = _host_value(e, table)
         filled.append((p, var.replace(_place(host, sharding, cfg.weight_dtype))))
         del host
@@ -336,7 +336,7 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, *, tokenizer
         tensors = []
         for i in members:
             e = plan[i]
-            host = _to_host(values[e.path].value, dtype)
+            host = _to_host(values[e.path].get_value(), dtype)
             layers = host if e.stacked else [host]
             tensors += [(k, _to_hf(e.kind, a)) for k, a in zip(e.hf_keys, layers)]
         if writer:
