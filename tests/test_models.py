@@ -102,6 +102,7 @@ def test_old_style_rope_config_reads_the_same(tiny):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
+    ({"hidden_size": None}, r"lacks required field\(s\) \['hidden_size'\]"),
 ])
 def test_unsupported_configs_are_refused(tiny, bad, message):
     _, folder = tiny["qwen2"]

@@ -128,6 +128,10 @@ class ModelConfig:
             raise ValueError(f"config.json layer_types {sorted(set(layer_types))}: only full attention is implemented")
         if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("config.json partial_rotary_factor != 1 is not supported")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        lacking = [k for k in required if hf.get(k) is None]
+        if lacking:
+            raise ValueError(f"config.json lacks required field(s) {lacking}")
         theta, scaling = _read_rope(hf)
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])

@@ -249,14 +249,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     (`scan_layers=False`, `remat=True`, ...).
     """
     folder = pathlib.Path(path)
+    table = open_checkpoint(folder)
     hf = read_hf_config(folder)
     dtype = canonical_dtype(dtype or "float32")
     param_dtype = canonical_dtype(param_dtype or dtype)
     try:
         cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype, **overrides)
-    except (ValueError, KeyError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
-    table = open_checkpoint(folder)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))

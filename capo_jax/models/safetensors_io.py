@@ -5,6 +5,7 @@ Reading validates the header against the file size, so a truncated or corrupt fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import struct
@@ -54,9 +55,9 @@ class SafeTensorsFile:
                 dtype = _DTYPES[e["dtype"]]
                 shape = tuple(int(s) for s in e["shape"])
                 begin, end = (int(x) for x in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise SafetensorsError(f"{self.path}: bad header entry for {name!r}: {e!r} ({err})") from err
-            if end - begin != int(np.prod(shape)) * dtype.itemsize or begin < 0:
+            if min(shape, default=0) < 0 or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} offsets {begin}..{end} do not match "
                                        f"shape {shape} of {e['dtype']}")
             if end > data_size:
