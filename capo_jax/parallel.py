@@ -124,7 +124,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     """A pytree like `state` (an nnx.State or Variables) whose leaves are each Variable's NamedSharding."""
     def one(v):
         if isinstance(v, nnx.Variable):
-            return v.replace(logical_to_sharding(variable_names(v), mesh, rules, v.value.shape))
+            return v.replace(logical_to_sharding(variable_names(v), mesh, rules, v.get_value().shape))
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -1,0 +1,109 @@
+"""Meshes, logical-axis rules, sharded models and batches on the 8 simulated CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from capo_jax import parallel
+from capo_jax.models import create_model, forward, from_pretrained, init_cache, ModelConfig
+from tiny_hf import make_tiny_checkpoint
+
+IDS = np.random.RandomState(0).randint(0, 260, (4, 10)).astype(np.int32)
+
+
+def test_make_mesh_fills_and_uses_auto_axes():
+    mesh = parallel.make_mesh(data=-1, fsdp=2, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert dict(parallel.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(parallel.mesh_from_config({"fsdp": 2, "tensor": 4}).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        parallel.make_mesh(data=3, fsdp=4)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        parallel.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="cannot be split"):
+        parallel.make_mesh(data=-1, tensor=3)
+
+
+def test_logical_to_spec_rules_and_divisibility_fallback():
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
+    rules = parallel.policy_rules()
+    assert parallel.logical_to_spec(("layers", "embed", "heads", "head_dim"), rules, mesh, (2, 64, 8, 16)) == \
+        P(None, "fsdp", "tensor", None)
+    # 2 kv heads cannot split 4 ways: replicated, not an error
+    assert parallel.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 2, 16)) == P("fsdp", None, None)
+    # an odd embed size falls back too
+    assert parallel.logical_to_spec(("vocab", "embed"), rules, mesh, (272, 63)) == P("tensor", None)
+    # batch over ('data', 'fsdp'): size-1 'data' is dropped; a tuple shrinks from the right when it must
+    mesh2 = parallel.make_mesh(data=2, fsdp=4, tensor=1)
+    assert parallel.logical_to_spec(("batch", "length"), rules, mesh2, (16, 5)) == P(("data", "fsdp"), None)
+    assert parallel.logical_to_spec(("batch", "length"), rules, mesh2, (6, 5)) == P("data", None)
+    # the same mesh axis is never used twice in one spec
+    assert parallel.logical_to_spec(("mlp", "heads"), rules, mesh, (8, 8)) == P("tensor", None)
+    # inference rules: no fsdp on weights
+    assert parallel.logical_to_spec(("embed", "mlp"), parallel.inference_rules(), mesh, (64, 96)) == P(None, "tensor")
+    # without a mesh: the plain rule table
+    assert parallel.logical_to_spec(("embed", "unknown"), rules) == P("fsdp", None)
+    assert parallel.logical_to_spec(None, rules) == P()
+
+
+def _jit_forward(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, IDS)
+
+
+def test_sharded_forward_equals_unsharded():
+    cfg = ModelConfig(vocab_size=272, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2,
+                      head_dim=16, num_layers=2)
+    model = create_model(cfg, seed=1)
+    ref = np.asarray(forward(model, IDS))
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
+    parallel.shard_model(model, mesh, parallel.policy_rules())
+    q = model.layers.attn.q.get_value()
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 32, 1, 16)
+    out = _jit_forward(model)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    # a sharded KV cache + sharded batch through the cached path
+    cache = init_cache(cfg, 4, 12)
+    cache = jax.device_put(cache, parallel.cache_shardings(cache, mesh, parallel.policy_rules()))
+    assert cache.k.sharding.spec == P(None, "fsdp", None, None, None)
+    ids = parallel.shard_batch(IDS, mesh)
+    assert ids.sharding.spec == P("fsdp", None)
+    logits, cache = forward(model, ids, cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
+
+
+def test_create_model_places_parameters_on_the_mesh():
+    mesh = parallel.make_mesh(data=2, fsdp=1, tensor=4)
+    model = create_model(ModelConfig(vocab_size=128, intermediate_size=96), mesh=mesh, rules=parallel.inference_rules())
+    assert model.embed.get_value().sharding.spec == P("tensor", None)
+    assert model.layers.mlp.down.get_value().sharding.spec == P(None, "tensor", None)
+    assert set(model.layers.mlp.down.get_value().sharding.mesh.axis_names) == {"data", "fsdp", "tensor"}
+
+
+def test_from_pretrained_places_each_param_on_its_target_sharding(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path, "qwen2", num_key_value_heads=2, tokenizer=False)
+    ref = np.asarray(forward(from_pretrained(folder), IDS))
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
+    rules = parallel.policy_rules()
+    model = from_pretrained(folder, mesh=mesh, rules=rules)
+    sharded = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = var.get_value()
+        target = parallel.logical_to_sharding(parallel.variable_names(var), mesh, rules, arr.shape)
+        assert isinstance(arr.sharding, NamedSharding) and arr.sharding.is_equivalent_to(target, arr.ndim), path
+        sharded += arr.sharding.spec != P(*([None] * arr.ndim)) and any(arr.sharding.spec)
+    assert sharded >= 8
+    np.testing.assert_allclose(np.asarray(_jit_forward(model)), ref, atol=1e-5)
+
+
+def test_batch_sharding_helpers():
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    batch = {"ids": np.zeros((8, 5), np.int32), "mask": np.ones((8, 5), bool), "step": np.int32(3)}
+    out = parallel.shard_batch(batch, mesh)
+    assert out["ids"].sharding.spec == P(("data", "fsdp"), None)
+    assert out["step"].sharding.spec == P()
+    assert parallel.batch_sharding(jnp.zeros((6, 3)), mesh).spec == P("data", None)
