@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from capo_jax.data.arithmetic import DEFAULT_TEMPLATE, ArithmeticWorld, format_prompt, world_config
+from capo_jax.data.templates import last_boxed
 from capo_jax.data.tokenizer import save_tokenizer
 
 # The tiny policy's shape (config `demo.model`).
@@ -47,7 +48,7 @@ SFT_DEFAULTS: dict = {
     "seed": 0,  # init, data and noise seed
 }
 
-BOOTSTRAP_VERSION = 1  # bump when the recipe changes, so old caches are retrained
+BOOTSTRAP_VERSION = 2  # bump when the recipe changes, so old caches are retrained
 _MARKER = "bootstrap.json"
 _TRAIN_STREAM = 1 << 20  # the SFT problem stream (the RL data stream is data.seed)
 
@@ -144,50 +145,25 @@ def _train(model, ids: np.ndarray, mask: np.ndarray, sft: Mapping[str, Any], log
     return losses
 
 
-def greedy_answers(model, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions (full recompute per token on left-padded prompts; fine for the tiny demo model)."""
-    enc = [tok(p)["input_ids"] for p in prompts]
-    plen = max(len(e) for e in enc)
-    total = plen + max_new_tokens
-    ids = np.full((len(enc), total), tok.pad_token_id, np.int32)
-    am = np.zeros((len(enc), total), bool)
-    for r, e in enumerate(enc):
-        ids[r, plen - len(e) : plen] = e
-        am[r, plen - len(e) : plen] = True
-    graphdef, state = nnx.split(model)
-    eos = tok.eos_token_id
+def world_accuracy(
+    model, tok: Any, world: ArithmeticWorld, num: int, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
+) -> dict[str, float]:
+    """Answer accuracy and true step-error rate of `model` on the world's first `num` test problems.
 
-    @jax.jit
-    def run(state, ids, am):
-        m = nnx.merge(graphdef, state)
-
-        def body(t, carry):
-            ids, am, done = carry
-            logits = m(ids, attention_mask=am)
-            nxt = jnp.argmax(logits[:, t - 1], axis=-1).astype(jnp.int32)
-            nxt = jnp.where(done, tok.pad_token_id, nxt)
-            ids = ids.at[:, t].set(nxt)
-            am = am.at[:, t].set(~done)
-            return ids, am, done | (nxt == eos)
-
-        done = jnp.zeros((ids.shape[0],), bool)
-        ids, am, _ = jax.lax.fori_loop(plen, total, body, (ids, am, done))
-        return ids
-
-    out = np.asarray(run(state, jnp.asarray(ids), jnp.asarray(am)))
-    return [tok.decode([t for t in row[plen:] if t != eos and t != tok.pad_token_id]) for row in out]
-
-
-def evaluate_world(model, tok: Any, world: ArithmeticWorld, num: int, max_new_tokens: int) -> dict[str, float]:
-    """Greedy answer accuracy and true step-error rate of `model` on the world's first `num` test problems."""
+    temperature 0 is greedy; 1.0 is what RL rollouts see.
+    """
     from capo_jax.critic.rule import true_wrong_steps
-    from capo_jax.data.arithmetic import STEP_DELIMITER
-    from capo_jax.data.templates import last_boxed
+    from capo_jax.rewards.steps import split_steps
+    from capo_jax.sampling import SamplingParams, generate_text
 
     tests = world.test_set()[:num]
-    outs = greedy_answers(model, tok, [format_prompt(p.question) for p in tests], max_new_tokens)
+    params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+    outs = generate_text(model, tok, [format_prompt(p.question) for p in tests], params, seed).texts
     correct = [last_boxed(o) == p.answer for o, p in zip(outs, tests)]
-    step_err = [len(true_wrong_steps(o.split(STEP_DELIMITER))) / max(1, len(o.split(STEP_DELIMITER))) for o in outs]
+    step_err = []
+    for o in outs:
+        steps = split_steps(o) or [o]
+        step_err.append(len(true_wrong_steps(steps)) / len(steps))
     return {"accuracy": float(np.mean(correct)), "step_error_rate": float(np.mean(step_err)), "num": len(tests)}
 
 
@@ -242,10 +218,13 @@ def bootstrap_policy(
     train_s = time.perf_counter() - t0
     metrics: dict[str, Any] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "train_seconds": train_s}
     if int(s["num_eval"]) > 0:
-        gen = ids.shape[1]
-        metrics.update(evaluate_world(policy, tok, the_world, int(s["num_eval"]), gen))
-        log(f"[bootstrap] held-out greedy accuracy {metrics['accuracy']:.3f}, "
-            f"step error rate {metrics['step_error_rate']:.3f} on {metrics['num']} problems")
+        n_eval, gen = int(s["num_eval"]), ids.shape[1]
+        greedy = world_accuracy(policy, tok, the_world, n_eval, gen)
+        sampled = world_accuracy(policy, tok, the_world, n_eval, gen, temperature=1.0, seed=int(s["seed"]))
+        metrics.update(greedy)
+        metrics.update({"sampled_accuracy": sampled["accuracy"], "sampled_step_error_rate": sampled["step_error_rate"]})
+        log(f"[bootstrap] held-out accuracy: greedy {greedy['accuracy']:.3f} (step errors {greedy['step_error_rate']:.3f}), "
+            f"sampled at T=1 {sampled['accuracy']:.3f} (step errors {sampled['step_error_rate']:.3f}) on {greedy['num']} problems")
     save_pretrained(policy, out_dir)
     metrics["total_seconds"] = time.perf_counter() - t0
     with open(marker, "w") as f:

@@ -1,0 +1,95 @@
+"""The demo bootstrap: a tiny policy trains on noisy solutions, its loss falls, the folder loads, the cache is reused."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from capo_jax.demo.bootstrap import MODEL_DEFAULTS, SFT_DEFAULTS, bootstrap_policy, sft_data
+
+TINY_WORLD = {"min_ops": 1, "max_ops": 2, "num_test": 8}
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+              "max_position_embeddings": 96}
+TINY_SFT = {"steps": 40, "batch_size": 16, "warmup_steps": 5, "learning_rate": 1e-2, "num_eval": 4}
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("boot"))
+    logs: list[str] = []
+    path = bootstrap_policy(out, world=TINY_WORLD, model=TINY_MODEL, sft=TINY_SFT, log=logs.append)
+    return path, logs
+
+
+def test_tiny_bootstrap_trains_and_its_loss_falls(booted):
+    path, logs = booted
+    marker = json.load(open(os.path.join(path, "bootstrap.json")))
+    m = marker["metrics"]
+    assert m["final_loss"] < 0.6 * m["first_loss"]
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["num"] == 4
+    assert any("step 40/40" in line for line in logs)
+    assert marker["settings"]["sft"]["steps"] == 40 and marker["settings"]["model"]["hidden_size"] == 32
+
+
+def test_saved_folder_loads_in_capo_jax_and_transformers(booted):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capo_jax.models import from_pretrained
+
+    path, _ = booted
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("Compute (3 + 4) * 2.\n3 + 4 = 7")["input_ids"]
+    ours = np.asarray(from_pretrained(path)(np.asarray([ids], np.int32)))[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    assert hf.config.vocab_size == len(tok) and hf.config.eos_token_id == tok.eos_token_id
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_second_call_reuses_the_cache_and_new_settings_retrain(booted, tmp_path):
+    path, _ = booted
+    weights = os.path.join(path, "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    logs: list[str] = []
+    assert bootstrap_policy(path, world=TINY_WORLD, model=TINY_MODEL, sft=TINY_SFT, log=logs.append) == path
+    assert os.stat(weights).st_mtime_ns == before
+    assert len(logs) == 1 and "reusing" in logs[0]
+    # Other settings must not reuse it: retrain a copy with a changed setting.
+    other = str(tmp_path / "other")
+    shutil.copytree(path, other)
+    logs = []
+    bootstrap_policy(other, world=TINY_WORLD, model=TINY_MODEL, sft={**TINY_SFT, "steps": 2, "num_eval": 0},
+                     log=logs.append)
+    assert any("other settings: retraining" in line for line in logs)
+    assert json.load(open(os.path.join(other, "bootstrap.json")))["settings"]["sft"]["steps"] == 2
+
+
+def test_sft_data_is_noisy_at_the_requested_rate():
+    from capo_jax.critic.rule import true_wrong_steps
+    from capo_jax.data.arithmetic import ArithmeticWorld
+    from capo_jax.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    world = ArithmeticWorld({"num_test": 10})
+    ids, mask = sft_data(world, tok, 400, {**SFT_DEFAULTS, "noise_prob": 0.25}, seed=0)
+    wrong = steps = 0
+    for row, m in zip(ids, mask):
+        completion = tok.decode(row[m > 0], skip_special_tokens=True)
+        parts = completion.split("\n\n")
+        assert parts[-1].startswith("The answer is \\boxed{")
+        wrong += len(true_wrong_steps(parts))
+        steps += len(parts) - 1
+        assert row[m > 0][-1] == tok.eos_token_id and row[0] == tok.bos_token_id
+    assert abs(wrong / steps - 0.25) < 4 * np.sqrt(0.25 * 0.75 / steps)
+
+
+def test_bad_settings_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo.model settings \\['hiden_size'\\]"):
+        bootstrap_policy(str(tmp_path), model={"hiden_size": 8})
+    with pytest.raises(ValueError, match="llama or qwen2"):
+        bootstrap_policy(str(tmp_path), model={**MODEL_DEFAULTS, "model_type": "gpt2"})
