@@ -179,7 +179,9 @@ def _worker_main() -> None:
 
     logging.disable(logging.CRITICAL)
     soft = max(1, int(float(os.environ.get("CAPO_VERIFY_SOFT_TIMEOUT", "5"))))
-    out = sys.stdout
+    # Replies go to a private copy of stdout; anything a library prints lands on stderr instead.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     import math_verify  # noqa: F401  (pay the sympy import before announcing readiness)
 
     _math_equal("1", "1", soft)
@@ -232,7 +234,15 @@ class _Worker:
             return None
         self.buf += chunk
         *lines, self.buf = self.buf.split(b"\n")
-        return [json.loads(x) for x in lines if x.strip()]
+        msgs = []
+        for line in lines:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue  # not one of our replies
+            if isinstance(msg, dict):
+                msgs.append(msg)
+        return msgs
 
     def kill(self) -> None:
         try:
