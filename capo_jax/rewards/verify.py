@@ -52,13 +52,15 @@ _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
 def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at text[start] ('{'), honouring nesting; None if unbalanced."""
-    depth = 0
-    for j in range(start, len(text)):
+    """Content of the brace group opening at text[start] ('{'), honouring nesting; None if unbalanced.
+
+    A backslash escapes the next character, so `\\{` and `\\}` (set braces) do not nest.
+    """
+    depth, j = 0, start
+    while j < len(text):
         c = text[j]
-        if c == "\\" and j + 1 < len(text) and text[j + 1] in "{}":
-            continue  # an escaped brace \{ or \} does not nest; the next char is skipped below
-        if c in "{}" and j > 0 and text[j - 1] == "\\":
+        if c == "\\":
+            j += 2
             continue
         if c == "{":
             depth += 1
@@ -66,6 +68,7 @@ def _braced(text: str, start: int) -> str | None:
             depth -= 1
             if depth == 0:
                 return text[start + 1 : j]
+        j += 1
     return None
 
 
