@@ -184,3 +184,19 @@ def test_bad_settings_raise_clear_errors(folder):
         GenPRMCritic.from_config(_config(folder, template="nope"))
     with pytest.raises(ValueError, match="critic.top_p"):
         GenPRMCritic.from_config(_config(folder, top_p=0.0))
+
+
+def test_trainer_builds_the_genprm_backend_from_the_config_schema(folder):
+    from capo_jax.config import get_default_config
+    from capo_jax.rl.loop import make_critic
+
+    config = get_default_config()
+    for key in genprm.DEFAULTS:
+        assert key in config.critic, f"config schema lacks critic.{key}"
+    config.critic.path = str(folder)
+    config.critic.dtype = "float32"
+    config.critic.devices = "first:2"
+    critic = make_critic(config)
+    assert isinstance(critic, GenPRMCritic)
+    assert set(critic.mesh.devices.flat) == set(jax.devices()[:2])
+    assert critic.max_new_tokens == config.critic.max_new_tokens and critic.index_base == config.critic.index_base

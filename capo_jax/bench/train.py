@@ -197,16 +197,80 @@ def jax_run(folder: str, batch: dict[str, np.ndarray], w: Workload, compute_dtyp
     return run
 
 
+# ----------------------------------------------------------------------------- bf16 backward probe
+
+
+def _bf16_dot_custom_vjp():
+    """A bf16 matmul whose backward also feeds bfloat16 operands to float32-accumulating dots."""
+    import jax
+    import jax.numpy as jnp
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    @jax.custom_vjp
+    def dot(x, w):
+        return jnp.einsum("te,em->tm", x.astype(bf16), w.astype(bf16), preferred_element_type=f32).astype(bf16)
+
+    def fwd(x, w):
+        return dot(x, w), (x.astype(bf16), w.astype(bf16))
+
+    def bwd(res, g):
+        x, w = res
+        g = g.astype(bf16)
+        return (jnp.einsum("tm,em->te", g, w, preferred_element_type=f32).astype(x.dtype),
+                jnp.einsum("te,tm->em", x, g, preferred_element_type=f32))
+
+    dot.defvjp(fwd, bwd)
+    return dot
+
+
+def matmul_grad_probe(tokens: int = 4096, reps: int = 5) -> list[tuple[str, float]]:
+    """GFLOP/s of forward + backward of one MLP-sized matmul [tokens, 768] x [768, 2048] three ways:
+    float32; bf16 through the model's own `_dot` (whose backward dots see a float32 cotangent);
+    bf16 with a custom VJP that keeps the backward operands in bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from capo_jax.bench.peaks import best_time
+    from capo_jax.models.transformer import _dot
+
+    h, m = HF_CONFIG["hidden_size"], HF_CONFIG["intermediate_size"]
+    x = jax.random.normal(jax.random.key(0), (tokens, h), jnp.float32)
+    w = 0.03 * jax.random.normal(jax.random.key(1), (h, m), jnp.float32)
+    variants = [
+        ("float32", lambda x, w: _dot("te,em->tm", x, w, jnp.float32), x),
+        ("bf16, model's _dot", lambda x, w: _dot("te,em->tm", x, w, jnp.bfloat16), x.astype(jnp.bfloat16)),
+        ("bf16, bf16 cotangents", _bf16_dot_custom_vjp(), x.astype(jnp.bfloat16)),
+    ]
+    out = []
+    for name, fn, xin in variants:
+        grad = jax.jit(jax.grad(lambda w, x, fn=fn: jnp.sum(jnp.square(fn(x, w).astype(jnp.float32))), argnums=(0, 1)))
+        out.append((name, 6 * tokens * h * m / best_time(grad, w, xin, reps=reps) / 1e9))
+    return out
+
+
 # ----------------------------------------------------------------------------- CAPO step phases
 
 
+def bootstrap_cache() -> str:
+    """Where the demo's bootstrapped policy is kept between benchmark runs (it takes minutes to train)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "capo_jax", "bench_demo_bootstrap")
+
+
 def phase_shares(steps: int, timeout: float) -> dict[str, float] | str:
-    """Run `steps` steps of configs/demo.py through the trainer in a subprocess and read its phase times."""
+    """Run `steps` steps of configs/demo.py through the trainer in a subprocess and read its phase times.
+
+    The workdir is fresh each time; its `bootstrap` folder links to a cache, so the supervised warm
+    start of the demo policy is trained once (the trainer retrains it if the demo settings change)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     config = os.path.join(root, "configs", "demo.py")
+    cache = bootstrap_cache()
+    os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
+        os.symlink(cache, os.path.join(workdir, "bootstrap"))
         cmd = [sys.executable, "-m", "capo_jax.train", "--config", config, f"--config.workdir={workdir}",
-               f"--config.total_steps={steps}", "--config.eval.every=0", "--config.checkpoint.every=0"]
+               f"--config.total_steps={steps}", "--config.eval.every=0"]
         try:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -230,7 +294,7 @@ def _read_phase_times(workdir: str) -> dict[str, float] | str:
     rows = [r for r in rows if any(k.startswith("time/") for k in r)]
     for row in rows[1:] if len(rows) > 1 else rows:
         for k, v in row.items():
-            if k.startswith("time/") and isinstance(v, (int, float)):
+            if k.startswith("time/") and k != "time/step" and isinstance(v, (int, float)):
                 totals[k[len("time/"):]] = totals.get(k[len("time/"):], 0.0) + float(v)
     return totals or "the demo run logged no time/* metrics"
 
@@ -259,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch run")
     parser.add_argument("--no-phases", action="store_true", help="skip the CAPO step phase breakdown")
     parser.add_argument("--phase-steps", type=int, default=None, help="demo steps for the phase breakdown")
+    parser.add_argument("--no-probe", action="store_true", help="skip the bf16 matmul backward probe")
     args = parser.parse_args(argv)
 
     import jax
@@ -314,9 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         ref = f" vs pytorch-capo_jax float32 {max(abs(a - b) for a, b in zip(base.losses, f32.losses)):.2e}" if base else ""
         print(f"  max |bf16 - f32| {drift:.2e} (f32 curve moves {moved:.2e}{ref})")
 
+    if not args.no_probe:
+        print("\nmatmul forward + backward probe, [4096, 768] x [768, 2048] (where bf16 time goes):")
+        for name, gflops in matmul_grad_probe(reps=3 if args.quick else 5):
+            print(f"  {name:<24}{gflops:>8.0f} GFLOP/s")
+
     if not args.no_phases:
         steps = args.phase_steps or (2 if args.quick else 4)
-        shares = phase_shares(steps, timeout=300)
+        shares = phase_shares(steps, timeout=900)
         print(f"\nfull CAPO step phases, configs/demo.py, {steps} steps (first step excluded):")
         if isinstance(shares, str):
             print(f"  unavailable: {shares}")

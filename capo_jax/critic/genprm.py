@@ -161,9 +161,11 @@ class GenPRMCritic:
         self._stats = CriticStats()
 
     @classmethod
-    def from_config(cls, critic_cfg: Any, *, mesh: jax.sharding.Mesh | None = None) -> "GenPRMCritic":
-        """Load the checkpoint and tokenizer at `critic_cfg.path` and shard them for inference,
-        on `mesh` (the policy's) or on the devices `critic_cfg.devices` names."""
+    def from_config(cls, critic_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
+                    rules: Any = None) -> "GenPRMCritic":
+        """Load the checkpoint and tokenizer at `critic_cfg.path` and shard them by `rules` (default:
+        `inference_rules()`), on `mesh` (the policy's) or on the devices `critic_cfg.devices` names
+        (then a mesh of its own with every one of those devices on the `tensor` axis)."""
         from transformers import AutoTokenizer
 
         from capo_jax.models import from_pretrained
@@ -184,7 +186,8 @@ class GenPRMCritic:
         elif mesh is None:
             mesh = make_mesh()
         dtype = _cfg_get(critic_cfg, "dtype")
-        model = from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=inference_rules())
+        model = from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh,
+                                rules=inference_rules() if rules is None else rules)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(
             model,
