@@ -111,6 +111,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.reward.eps = 1e-6  # added to the group std
     c.reward.step_delimiter = "\n\n"  # responses are split into steps on this
     c.reward.max_steps = 32  # S: steps past this are folded into the last one
+    c.reward.answer_format = "math"  # verifier answer format: math (boxed / #### / "the answer is", math-verify) | choice
+    c.reward.verify_timeout = 10.0  # seconds per answer before the verifier gives up (the response counts wrong)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.ppo_epochs = 1  # passes over each rollout batch
@@ -348,6 +350,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 
     choice("reward.mode", REWARD_MODES)
     choice("reward.norm", NORMS)
+    choice("reward.answer_format", ("math", "choice"))
     choice("critic.vote", VOTES)
     choice("critic.backend", CRITIC_BACKENDS)
     choice("rl.kl_estimator", KL_ESTIMATORS)

@@ -1,0 +1,124 @@
+"""Training metrics: a progress bar (tqdm on a terminal, plain lines otherwise), TensorBoard, JSONL, phase timers.
+
+`MetricsWriter.write(step, metrics)` sends one step's scalars to every enabled sink;
+`PhaseTimer` measures the wall time of the loop's phases (rollout, verify, critic, update).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping
+
+# The numbers the progress bar shows (when present), short name -> metric key.
+PROGRESS_KEYS = {
+    "acc": "reward/outcome_accuracy",
+    "R": "reward/mean",
+    "pen": "reward/frac_tokens_penalized",
+    "loss": "train/loss",
+    "kl": "train/kl",
+    "gn": "train/grad_norm",
+    "s/step": "time/step",
+}
+
+
+def _scalar(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """Writes each step's scalar metrics to TensorBoard, `metrics.jsonl` and the console."""
+
+    def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0, tensorboard: bool = True,
+                 jsonl: bool = True, progress: bool = True, stream: Any = None) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.stream = stream if stream is not None else sys.stderr
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") if jsonl else None
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._bar = None
+        self._total = int(total_steps)
+        if progress and hasattr(self.stream, "isatty") and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self._total, initial=int(initial_step), file=self.stream, dynamic_ncols=True, desc="capo")
+        self._progress = progress
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record one step's metrics (non-scalar values are skipped; NaN/inf go to JSONL as null)."""
+        scalars = {k: _scalar(v) for k, v in metrics.items()}
+        scalars = {k: v for k, v in scalars.items() if v is not None}
+        if self._jsonl is not None:
+            row = {"step": int(step), "time": time.time()}
+            row.update({k: (v if math.isfinite(v) else None) for k, v in scalars.items()})
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+        short = {name: scalars[key] for name, key in PROGRESS_KEYS.items() if key in scalars}
+        if self._bar is not None:
+            self._bar.n = int(step)
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
+            self._bar.refresh()
+        elif self._progress:
+            body = " ".join(f"{k}={v:.4g}" for k, v in short.items())
+            print(f"step {int(step)}/{self._total} {body}", file=self.stream, flush=True)
+
+    def log(self, message: str) -> None:
+        """A free-form line (kept clear of the progress bar)."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase of one step: `with timer("rollout"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        """`time/<phase>` for each phase and `time/step` for their sum."""
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/step"] = sum(self.seconds.values())
+        return out
+
+
+def read_jsonl(workdir: str) -> list[dict]:
+    """The rows of a run's `metrics.jsonl` (for tests and notebooks)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

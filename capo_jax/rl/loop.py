@@ -1,0 +1,478 @@
+"""The CAPO training loop: one function per phase (rollout, verify, steps, critique, assemble) around the jitted update.
+
+`Run(config).train()` builds the roles (policy, optional reference, critic), resumes from the
+workdir's latest checkpoint, and repeats: sample G responses per prompt with the live policy,
+score them with the rule verifier, split them into steps, critique every response M times,
+vote, and update the policy in one jitted, sharded step. Checkpoints are saved every N steps,
+at the end and on SIGTERM; metrics go to the console, TensorBoard and `metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from capo_jax import checkpoint as ckpt_lib
+from capo_jax import config as config_lib
+from capo_jax import parallel
+from capo_jax.critic.base import CritiqueRequest
+from capo_jax.metrics import MetricsWriter, PhaseTimer
+from capo_jax.rl.train_step import PolicyTrainer, StepOptions, make_optimizer
+
+log = logging.getLogger("capo_jax.train")
+
+RULES = {"policy": parallel.policy_rules, "inference": parallel.inference_rules}
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles
+
+
+def policy_devices(config: ml_collections.ConfigDict) -> tuple[list, list | None]:
+    """The devices of the policy and of the critic (None when the critic shares the policy's)."""
+    return config_lib.role_devices(config, jax.devices())
+
+
+def make_critic(config: ml_collections.ConfigDict, *, mesh: Any = None):
+    """The critic backend `config.critic.backend` names, or None when the reward mode needs no critic."""
+    if config.reward.mode == "grpo":
+        return None
+    backend = config.critic.backend
+    if backend == "rule":
+        try:
+            from capo_jax.critic.rule import RuleCritic
+        except ImportError as exc:
+            raise ValueError(f"critic.backend='rule' needs capo_jax.critic.rule, which failed to import: {exc}") from exc
+        return RuleCritic(misjudge_prob=float(config.critic.misjudge_prob), index_base=int(config.critic.index_base))
+    if backend == "genprm":
+        try:
+            from capo_jax.critic.genprm import GenPRMCritic
+        except ImportError as exc:
+            raise ValueError(f"critic.backend='genprm' needs capo_jax.critic.genprm, which failed to import: {exc}") from exc
+        return GenPRMCritic.from_config(config.critic, mesh=mesh)
+    raise ValueError(f"critic.backend={backend!r}: use 'genprm' or 'rule'")
+
+
+def resolve_policy_path(config: ml_collections.ConfigDict, logger=print) -> str:
+    """The policy's HF folder: config.policy.path, or the demo policy bootstrapped into the workdir."""
+    if config.policy.path:
+        return config.policy.path
+    from capo_jax.demo.bootstrap import bootstrap_policy
+
+    return bootstrap_policy(os.path.join(config.workdir, "bootstrap"), world=config.data.world.to_dict(),
+                            model=config.demo.model.to_dict(), sft=config.demo.sft.to_dict(), log=logger)
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer (local files only, no remote code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (host side)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout batch: B = P x G rows, sample j of prompt i at row i * G + j."""
+
+    examples: list  # the P prompts (capo_jax.data Example)
+    prompt_ids: np.ndarray  # int32[B, P_max] left-padded
+    prompt_mask: np.ndarray  # bool[B, P_max]
+    response_ids: np.ndarray  # int32[B, T]
+    response_mask: np.ndarray  # bool[B, T] (tokens up to and including the stop token)
+    sampler_logp: np.ndarray  # float32[B, T]
+    lengths: np.ndarray  # int32[B]
+    texts: list[str]  # decoded responses without the stop token
+    stopped: np.ndarray  # bool[B] ended on a stop token (not truncated)
+
+
+def stop_ids(tokenizer: Any, model_config: Any) -> tuple[int, ...]:
+    """Token ids that end a response: the tokenizer's EOS and the model config's."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = model_config.eos_token_id
+    ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in (eos or ())])
+    return tuple(sorted(ids))
+
+
+def rollout_phase(model: Any, tokenizer: Any, examples: Sequence[Any], config: ml_collections.ConfigDict, rng: jax.Array,
+                  mesh: Any, stops: tuple[int, ...]) -> Rollout:
+    """Sample G responses per prompt with the live policy; pad prompts to rollout.max_prompt_len."""
+    from capo_jax.sampling import SamplingParams, generate
+
+    ro = config.rollout
+    G, P, T = int(ro.group_size), int(ro.max_prompt_len), int(ro.max_new_tokens)
+    prompts = [list(ex.prompt_ids)[-P:] for ex in examples]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    params = SamplingParams(n=G, temperature=float(ro.temperature), top_k=int(ro.top_k), top_p=float(ro.top_p),
+                            max_new_tokens=T, stop_token_ids=stops, kv_cache_dtype=ro.kv_cache_dtype or None,
+                            pad_token_id=int(pad))
+    res = generate(model, prompts, params, rng, mesh)
+    tokens = np.asarray(res.tokens, np.int32)
+    lengths = np.asarray(res.lengths, np.int32)
+    B = len(prompts) * G
+    prompt_ids = np.full((B, P), pad, np.int32)
+    prompt_mask = np.zeros((B, P), bool)
+    for i, p in enumerate(prompts):
+        prompt_ids[i * G:(i + 1) * G, P - len(p):] = p
+        prompt_mask[i * G:(i + 1) * G, P - len(p):] = True
+    response_mask = np.arange(T)[None] < lengths[:, None]
+    stopset = set(stops)
+    texts, stopped = [], np.zeros(B, bool)
+    for b in range(B):
+        ids = tokens[b, :lengths[b]].tolist()
+        if ids and ids[-1] in stopset:
+            ids, stopped[b] = ids[:-1], True
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return Rollout(list(examples), prompt_ids, prompt_mask, np.where(response_mask, tokens, pad).astype(np.int32),
+                   response_mask, np.where(response_mask, res.logprobs, 0.0).astype(np.float32), lengths, texts, stopped)
+
+
+def verify_phase(texts: Sequence[str], references: Sequence[str], config: ml_collections.ConfigDict) -> np.ndarray:
+    """Outcome r_i in {0, 1} per response; a response the verifier cannot score counts as wrong."""
+    from capo_jax.rewards import verify
+
+    kw = dict(timeout=float(config.reward.verify_timeout), answer_format=str(config.reward.answer_format))
+    try:
+        return np.asarray(verify.score(list(texts), list(references), **kw), np.float32)
+    except Exception as exc:  # one bad item must not stop training: score the rest one by one
+        log.warning("verifier failed on the batch (%s); scoring responses one by one", exc)
+        out = np.zeros(len(texts), np.float32)
+        for i, (t, r) in enumerate(zip(texts, references)):
+            try:
+                out[i] = float(verify.score([t], [r], **kw)[0])
+            except Exception:  # noqa: BLE001 - the response is counted wrong
+                out[i] = 0.0
+        return out
+
+
+def steps_phase(rollout: Rollout, tokenizer: Any, config: ml_collections.ConfigDict):
+    """token_step int32[B, T] and the step texts of every response."""
+    from capo_jax.rewards.steps import batch_token_steps
+
+    return batch_token_steps(rollout.response_ids, tokenizer, lengths=rollout.lengths,
+                             delimiter=str(config.reward.step_delimiter), max_steps=int(config.reward.max_steps),
+                             width=rollout.response_ids.shape[1])
+
+
+@dataclasses.dataclass
+class CritiqueResult:
+    """Parsed critic output for one batch."""
+
+    votes: np.ndarray  # bool[B, M, S]
+    vote_valid: np.ndarray  # bool[B, M]
+    outcome: np.ndarray | None  # float32[B] critic-judged outcome (genorm), else None
+    requested: int  # critiques asked for
+    failed_calls: int  # critic calls that raised (their rows degrade to outcome-only)
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def _requests(rollout: Rollout, steps: Sequence[Sequence[str]], include_reference: bool) -> list[CritiqueRequest]:
+    G = len(rollout.texts) // max(len(rollout.examples), 1)
+    out = []
+    for b, row_steps in enumerate(steps):
+        ex = rollout.examples[b // G]
+        out.append(CritiqueRequest(question=ex.question, steps=tuple(row_steps) or (rollout.texts[b],),
+                                   reference=ex.answer if include_reference else None))
+    return out
+
+
+def critique_phase(critic: Any, rollout: Rollout, steps: Sequence[Sequence[str]], config: ml_collections.ConfigDict,
+                   rng: np.random.Generator, outcome: np.ndarray) -> CritiqueResult:
+    """Critique every response M times and parse the verdicts; anything unusable is an invalid vote."""
+    from capo_jax.critic import INVALID, parse_outcome_verdict, parse_verdict
+    from capo_jax.rewards.credit import votes_from_verdicts
+
+    B, M, S = len(rollout.texts), int(config.critic.num_critiques), int(config.reward.max_steps)
+    mode = config.reward.mode
+    empty = CritiqueResult(np.zeros((B, M, S), bool), np.zeros((B, M), bool), None, 0, 0, 0, 0)
+    if critic is None or mode == "grpo":
+        return empty
+    requests = _requests(rollout, steps, bool(config.critic.include_reference))
+    bs = max(int(config.critic.batch_size), 1) if config.critic.backend == "genprm" else B
+    texts: list[list[str]] = []
+    failed = prompt_tokens = generated = 0
+    for lo in range(0, B, bs):
+        chunk = requests[lo:lo + bs]
+        try:
+            got = (critic.judge_outcome if mode == "genorm" else critic.critique)(chunk, M, rng)
+            if len(got) != len(chunk):
+                raise ValueError(f"critic returned {len(got)} results for {len(chunk)} requests")
+            stats = critic.last_stats
+            prompt_tokens += int(stats.prompt_tokens)
+            generated += int(stats.generated_tokens)
+        except Exception as exc:  # noqa: BLE001 - a failing critic degrades these rows to outcome-only
+            log.warning("critic call failed for rows %d..%d (%s): outcome-only for them", lo, lo + len(chunk) - 1, exc)
+            failed += 1
+            got = [[] for _ in chunk]
+        texts.extend([list(t)[:M] if isinstance(t, (list, tuple)) else [] for t in got])
+    if mode == "genorm":
+        judged = outcome.astype(np.float32).copy()
+        valid = np.zeros((B, M), bool)
+        for b, row in enumerate(texts):
+            verdicts = [parse_outcome_verdict(t) for t in row]
+            ok = [v for v in verdicts if v is not INVALID]
+            valid[b, :len(verdicts)] = [v is not INVALID for v in verdicts]
+            if ok:  # majority of the valid judgements; no valid one: keep the rule verifier's outcome
+                judged[b] = float(2 * sum(bool(v) for v in ok) > len(ok))
+        return CritiqueResult(np.zeros((B, M, S), bool), valid, judged, B * M, failed, prompt_tokens, generated)
+    verdicts = []
+    for b, row in enumerate(texts):
+        n_steps = len(steps[b]) or 1
+        verdicts.append([parse_verdict(t, n_steps, index_base=int(config.critic.index_base)) for t in row])
+    votes, valid = votes_from_verdicts(verdicts, B, M, S)
+    return CritiqueResult(votes, valid, None, B * M, failed, prompt_tokens, generated)
+
+
+def critic_agreement(votes: np.ndarray, valid: np.ndarray, num_steps: np.ndarray) -> float:
+    """Fraction of (response, step) pairs on which all valid critiques agree (rows with >= 2 valid critiques)."""
+    agree, total = 0, 0
+    for b in range(votes.shape[0]):
+        rows = votes[b][valid[b]]
+        n = min(int(num_steps[b]), votes.shape[2])
+        if rows.shape[0] < 2 or n == 0:
+            continue
+        cols = rows[:, :n]
+        agree += int(np.sum(cols.all(0) | (~cols).all(0)))
+        total += n
+    return agree / total if total else float("nan")
+
+
+def assemble_batch(rollout: Rollout, token_step: np.ndarray, outcome: np.ndarray, crit: CritiqueResult) -> dict[str, np.ndarray]:
+    """The fixed-shape arrays the jitted step takes."""
+    return {
+        "prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+        "response_ids": rollout.response_ids, "response_mask": rollout.response_mask,
+        "token_step": np.where(rollout.response_mask, token_step, -1).astype(np.int32),
+        "outcome": outcome.astype(np.float32), "votes": crit.votes, "vote_valid": crit.vote_valid,
+        "sampler_logp": rollout.sampler_logp,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class StopTraining(Exception):
+    """Raised to end the run early (too many consecutive non-finite updates)."""
+
+
+class Run:
+    """Everything one training run holds: mesh, roles, trainer, data, checkpoints, metrics."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, stream: Any = None) -> None:
+        config_lib.validate(config, num_devices=len(jax.devices()))
+        self.config = config
+        self.workdir = os.path.abspath(config.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self._stream = stream
+        self._stop_signal = False
+        self.writer: MetricsWriter | None = None
+
+        pol_devices, critic_devices = policy_devices(config)
+        m = config.mesh
+        self.mesh = parallel.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=pol_devices)
+        self.policy_path = resolve_policy_path(config, logger=self._log)
+        self.tokenizer = load_tokenizer(self.policy_path)
+
+        from capo_jax.models import from_pretrained
+
+        compute = config.optim.compute_dtype
+        self.model = from_pretrained(self.policy_path, dtype=compute, param_dtype=config.policy.param_dtype,
+                                     mesh=self.mesh, rules=RULES[m.policy_rules](), remat=True)
+        reference = None
+        if float(config.rl.kl_coef) > 0:
+            ref_path = config.reference.path or self.policy_path
+            reference = from_pretrained(ref_path, dtype=config.reference.dtype, param_dtype=config.reference.dtype,
+                                        mesh=self.mesh, rules=RULES[m.reference_rules]())
+        self.opts = StepOptions.from_config(config)
+        total_updates = int(config.total_steps) * self.opts.updates_per_step
+        optimizer, self.schedule = make_optimizer(config.optim, total_updates)
+        self.trainer = PolicyTrainer(self.model, self.opts, optimizer, self.mesh, rules=RULES[m.policy_rules](),
+                                     reference=reference, reference_rules=RULES[m.reference_rules]())
+        del reference  # the trainer keeps the reference's parameters only
+        self.critic = make_critic(config, mesh=self.mesh if critic_devices is None else None)
+        self.stops = stop_ids(self.tokenizer, self.model.config)
+
+        from capo_jax.data import build_source
+
+        data_cfg = config.data.to_dict()
+        data_cfg["max_prompt_tokens"] = min(int(data_cfg.get("max_prompt_tokens", 10**9)), int(config.rollout.max_prompt_len))
+        self.source = build_source(data_cfg, self.tokenizer)
+        self.base_key = jax.random.key(int(config.seed))
+        self.checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=int(config.checkpoint.keep),
+                                                  every=int(config.checkpoint.every),
+                                                  async_save=bool(config.checkpoint.async_save))
+        self.step = 0
+        self._resume()
+        ckpt_lib.save_run_files(self.workdir, config.to_dict(), self.policy_path, self.model.config.to_hf())
+
+    # -- helpers
+
+    def _log(self, message: str) -> None:
+        if self.writer is not None:
+            self.writer.log(message)
+        else:
+            import sys
+
+            print(message, file=self._stream or sys.stderr, flush=True)
+
+    def _resume(self) -> None:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return
+        restored = self.checkpointer.restore(latest, self.trainer.params, self.trainer.opt_state)
+        self.trainer.set_state(restored["params"], restored["opt_state"])
+        meta = restored["meta"]
+        self.source.restore(meta["data_state"])
+        if ckpt_lib.key_to_json(self.base_key) != list(meta["rng"]):
+            self._log(f"[resume] note: the checkpoint's RNG key differs from seed {self.config.seed}; using the checkpoint's")
+        self.base_key = ckpt_lib.key_from_json(meta["rng"])
+        self.step = int(meta["step"])
+        self._log(f"[resume] restored step {self.step} from {self.checkpointer.directory}")
+
+    def save(self) -> None:
+        """Checkpoint the current state (params, optimizer, step, RNG, data position)."""
+        meta = {"step": self.step, "rng": ckpt_lib.key_to_json(self.base_key), "data_state": self.source.state(),
+                "seed": int(self.config.seed)}
+        self.checkpointer.save(self.step, self.trainer.params, self.trainer.opt_state, meta)
+
+    def request_stop(self, *_: Any) -> None:
+        """SIGTERM handler: finish the current step, checkpoint, exit cleanly."""
+        self._stop_signal = True
+
+    # -- one step
+
+    def train_step(self) -> dict[str, float]:
+        """Rollout -> verify -> steps -> critique -> update for one batch of prompts; returns host metrics."""
+        cfg = self.config
+        timer = PhaseTimer()
+        step_key = jax.random.fold_in(self.base_key, self.step)
+        rollout_key, update_key = jax.random.split(step_key)
+        host_rng = np.random.default_rng([int(cfg.seed), self.step, 7])
+        with timer("data"):
+            examples = self.source.next_batch(int(cfg.rollout.prompts_per_step))
+        with timer("rollout"):
+            ro = rollout_phase(self.model, self.tokenizer, examples, cfg, rollout_key, self.mesh, self.stops)
+        G = int(cfg.rollout.group_size)
+        references = [ex.answer for ex in examples for _ in range(G)]
+        with timer("verify"):
+            outcome = verify_phase(ro.texts, references, cfg)
+        with timer("steps"):
+            steps = steps_phase(ro, self.tokenizer, cfg)
+        with timer("critic"):
+            crit = critique_phase(self.critic, ro, steps.steps, cfg, host_rng, outcome)
+        train_outcome = crit.outcome if crit.outcome is not None else outcome
+        batch = assemble_batch(ro, steps.token_step, train_outcome, crit)
+        with timer("update"):
+            device_metrics = self.trainer.step(batch, update_key)
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        self.step += 1
+
+        num_steps = np.array([len(s) for s in steps.steps])
+        n_tokens = int(ro.lengths.sum())
+        metrics.update({
+            "reward/outcome_accuracy": float(outcome.mean()),
+            "reward/train_outcome": float(train_outcome.mean()),
+            "rollout/response_len": float(ro.lengths.mean()),
+            "rollout/response_len_max": float(ro.lengths.max()),
+            "rollout/truncated_frac": float(1.0 - ro.stopped.mean()),
+            "steps/per_response": float(num_steps.mean()),
+            "steps/folded_frac": float((steps.folded > 0).mean()),
+            "critic/parse_failure_rate": float(1.0 - crit.vote_valid.sum() / crit.requested) if crit.requested else 0.0,
+            "critic/agreement": critic_agreement(crit.votes, crit.vote_valid, num_steps),
+            "critic/failed_calls": float(crit.failed_calls),
+            "critic/flagged_step_frac": float(crit.votes[crit.vote_valid].mean()) if crit.vote_valid.any() else 0.0,
+            "critic/prompt_tokens": float(crit.prompt_tokens),
+            "critic/generated_tokens": float(crit.generated_tokens),
+            "optim/learning_rate": float(self.schedule(self.step * self.opts.updates_per_step - 1)),
+        })
+        if crit.outcome is not None:
+            metrics["critic/outcome_agreement_with_verifier"] = float((crit.outcome == outcome).mean())
+        metrics.update(timer.metrics())
+        sec = timer.seconds
+        metrics["throughput/policy_tokens_per_s"] = n_tokens / max(sec.get("rollout", 0.0), 1e-9)
+        metrics["throughput/critic_tokens_per_s"] = (crit.prompt_tokens + crit.generated_tokens) / max(sec.get("critic", 0.0), 1e-9)
+        metrics["throughput/update_tokens_per_s"] = n_tokens * self.opts.ppo_epochs / max(sec.get("update", 0.0), 1e-9)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation hook: the arithmetic demo's answer accuracy and wrong-step rate."""
+        cfg = self.config
+        if cfg.data.source != "arithmetic":
+            return {}
+        try:
+            from capo_jax.data.arithmetic import ArithmeticWorld
+            from capo_jax.demo.bootstrap import world_accuracy
+        except ImportError:
+            return {}
+        max_new = int(cfg.eval.max_new_tokens) or int(cfg.rollout.max_new_tokens)
+        out = world_accuracy(self.model, self.tokenizer, ArithmeticWorld(cfg.data.world.to_dict()),
+                             int(cfg.eval.num_problems), max_new)
+        return {"eval/accuracy": float(out["accuracy"]), "eval/step_error_rate": float(out["step_error_rate"])}
+
+    # -- the loop
+
+    def train(self) -> int:
+        """Run to total_steps (or stop_after_steps, or SIGTERM); returns the last finished step."""
+        cfg = self.config
+        total = int(cfg.total_steps)
+        stop_at = total if int(cfg.stop_after_steps) <= 0 else min(total, self.step + int(cfg.stop_after_steps))
+        lg = cfg.logging
+        self.writer = MetricsWriter(self.workdir, total_steps=total, initial_step=self.step, tensorboard=bool(lg.tensorboard),
+                                    jsonl=bool(lg.jsonl), progress=bool(lg.progress), stream=self._stream)
+        previous = signal.signal(signal.SIGTERM, self.request_stop) if _main_thread() else None
+        bad_in_a_row = 0
+        try:
+            if self.step >= total:
+                self._log(f"[train] already at step {self.step} of {total}: nothing to do")
+            while self.step < stop_at and not self._stop_signal:
+                metrics = self.train_step()
+                if metrics.get("train/skipped_updates", 0.0) > 0:
+                    bad_in_a_row += 1
+                    self._log(f"[train] step {self.step}: {int(metrics['train/skipped_updates'])} update(s) skipped "
+                              f"(non-finite loss or gradient); {bad_in_a_row} step(s) in a row")
+                    if bad_in_a_row >= int(cfg.max_bad_steps):
+                        raise StopTraining(f"{bad_in_a_row} consecutive steps with non-finite updates "
+                                           f"(max_bad_steps={cfg.max_bad_steps}); stopping without a new checkpoint")
+                else:
+                    bad_in_a_row = 0
+                if int(cfg.eval.every) > 0 and self.step % int(cfg.eval.every) == 0:
+                    metrics.update(self.evaluate())
+                if self.step % int(lg.every) == 0 or self.step == stop_at:
+                    self.writer.write(self.step, metrics)
+                if bad_in_a_row == 0 and (self.checkpointer.should_save(self.step) or self.step in (stop_at, total)):
+                    self.save()
+            if self._stop_signal:
+                self._log(f"[train] SIGTERM: checkpointing step {self.step} and exiting")
+                self.save()
+        finally:
+            self.checkpointer.close()
+            self.writer.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return self.step
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(config: ml_collections.ConfigDict, *, stream: Any = None) -> int:
+    """Build a run from `config` and train it; returns the last finished step."""
+    return Run(config, stream=stream).train()
+

@@ -1,0 +1,42 @@
+"""`python -m capo_jax.train --config configs/X.py [--config.a.b=v ...] [--workdir DIR]`: run CAPO end to end.
+
+Running the same command again with the same workdir resumes from the latest checkpoint;
+SIGTERM (a preempted TPU VM) checkpoints and exits cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from capo_jax.config import ConfigError, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, validate the config and train; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+        config, rest = parse_args(argv)
+        if rest:
+            raise ConfigError(f"unexpected arguments {rest}: use --config FILE, --config.<key>=<value>, --workdir DIR")
+        from capo_jax.rl.loop import Run, StopTraining
+
+        run = Run(config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        step = run.train()
+    except StopTraining as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 3
+    print(f"[train] finished at step {step}; checkpoints in {run.checkpointer.directory}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
