@@ -133,7 +133,11 @@ def load_run_config(workdir: str) -> dict:
 
 
 def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
-    """The trained policy (an NNX `Transformer`) from a workdir's checkpoint `step` (None: the latest), and the step."""
+    """The trained policy (an NNX `Transformer`) from a workdir's checkpoint `step` (None: the latest), and the step.
+
+    `dtype` is the compute dtype (default: the run's); parameters keep the run's master dtype. With
+    `mesh`, parameters are restored straight onto their policy-rule shardings; else onto one device.
+    """
     from flax import nnx
 
     from capo_jax.models import ModelConfig, Transformer
@@ -143,9 +147,9 @@ def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mes
         raise FileNotFoundError(f"{hf_dir}/config.json not found: {workdir!r} is not a capo_jax training workdir")
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
-    cfg = ModelConfig.from_hf(hf)
-    if dtype is not None:
-        cfg = _replace_dtype(cfg, dtype)
+    run = load_run_config(workdir)
+    param_dtype = run.get("policy", {}).get("param_dtype", "float32")
+    cfg = ModelConfig.from_hf(hf, dtype=dtype or run.get("optim", {}).get("compute_dtype", "float32"), param_dtype=param_dtype)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
     target = nnx.to_pure_dict(params_state)
@@ -170,8 +174,3 @@ def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mes
     rest = jax.tree.map(lambda x: x, rest)
     return nnx.merge(graphdef, params_state, rest), step
 
-
-def _replace_dtype(cfg: Any, dtype: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(cfg, dtype=dtype)
