@@ -29,9 +29,9 @@ def workdir(tmp_path_factory):
     cfg = get_default_config()
     ckpt_lib.save_run_files(work, cfg.to_dict(), policy, model.config.to_hf())
     ck = ckpt_lib.Checkpointer(work, async_save=False)
-    for step, scale in ((3, 0.0), (7, 1.0)):
-        p = jax.tree.map(lambda x, y: jnp.asarray(np.asarray(x) + scale * (y - np.asarray(x))),
-                         nnx.to_pure_dict(nnx.state(model, nnx.Param)), params)
+    original = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for step, tree in ((3, original), (7, params)):
+        p = jax.tree.map(jnp.asarray, tree)
         ck.save(step, p, optax.adam(1e-3).init(p), {"step": step})
     ck.close()
     return work, params
