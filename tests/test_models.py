@@ -236,7 +236,7 @@ def test_parameters_carry_logical_names():
         assert len(names) == var.get_value().ndim and set(names) <= allowed, (path, names)
         assert (names[0] == "layers") == (path[0] == "layers")
     spec = nnx.get_partition_spec(nnx.state(model))
-    assert spec["layers"]["attn"]["q"].get_value() == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+    assert spec["layers"]["attn"]["q"].get_value() == jax.sharding.PartitionSpec("layers", "heads", "head_dim", "embed")
 
 
 def test_bfloat16_compute_is_close_and_returns_float32_logits(tiny):

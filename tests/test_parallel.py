@@ -62,8 +62,8 @@ def test_sharded_forward_equals_unsharded():
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
     parallel.shard_model(model, mesh, parallel.policy_rules())
     q = model.layers.attn.q.get_value()
-    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
-    assert q.addressable_shards[0].data.shape == (2, 32, 1, 16)
+    assert q.sharding.spec == P(None, "tensor", None, "fsdp")
+    assert q.addressable_shards[0].data.shape == (2, 1, 16, 32)
     out = _jit_forward(model)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
     # a sharded KV cache + sharded batch through the cached path
@@ -80,7 +80,7 @@ def test_create_model_places_parameters_on_the_mesh():
     mesh = parallel.make_mesh(data=2, fsdp=1, tensor=4)
     model = create_model(ModelConfig(vocab_size=128, intermediate_size=96), mesh=mesh, rules=parallel.inference_rules())
     assert model.embed.get_value().sharding.spec == P("tensor", None)
-    assert model.layers.mlp.down.get_value().sharding.spec == P(None, "tensor", None)
+    assert model.layers.mlp.down.get_value().sharding.spec == P(None, None, "tensor")
     assert set(model.layers.mlp.down.get_value().sharding.mesh.axis_names) == {"data", "fsdp", "tensor"}
 
 

@@ -40,63 +40,39 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- the name/layout mapping
 
-# Our per-layer parameter path -> (HF key suffix under model.layers.{i}., layout kind).
+# Our per-layer parameter path -> (HF key suffix under model.layers.{i}., layout kind). Our kernels keep HF's
+# [out, in] order, split per head, so every conversion is a reshape (no transposes).
 _LAYER_MAP = {
-    "attn_norm.scale": ("input_layernorm.weight", "id"),
-    "mlp_norm.scale": ("post_attention_layernorm.weight", "id"),
-    "attn.q": ("self_attn.q_proj.weight", "in_heads"),
-    "attn.k": ("self_attn.k_proj.weight", "in_heads"),
-    "attn.v": ("self_attn.v_proj.weight", "in_heads"),
-    "attn.o": ("self_attn.o_proj.weight", "out_heads"),
-    "attn.q_bias": ("self_attn.q_proj.bias", "bias_heads"),
-    "attn.k_bias": ("self_attn.k_proj.bias", "bias_heads"),
-    "attn.v_bias": ("self_attn.v_proj.bias", "bias_heads"),
-    "attn.o_bias": ("self_attn.o_proj.bias", "id"),
-    "attn.q_norm.scale": ("self_attn.q_norm.weight", "id"),
-    "attn.k_norm.scale": ("self_attn.k_norm.weight", "id"),
-    "mlp.gate": ("mlp.gate_proj.weight", "T"),
-    "mlp.up": ("mlp.up_proj.weight", "T"),
-    "mlp.down": ("mlp.down_proj.weight", "T"),
+    "attn_norm.scale": ("input_layernorm.weight", "same"),
+    "mlp_norm.scale": ("post_attention_layernorm.weight", "same"),
+    "attn.q": ("self_attn.q_proj.weight", "merge_first2"),   # [n*D, E] <-> [n, D, E]
+    "attn.k": ("self_attn.k_proj.weight", "merge_first2"),
+    "attn.v": ("self_attn.v_proj.weight", "merge_first2"),
+    "attn.o": ("self_attn.o_proj.weight", "merge_last2"),    # [E, H*D] <-> [E, H, D]
+    "attn.q_bias": ("self_attn.q_proj.bias", "merge_first2"),  # [n*D] <-> [n, D]
+    "attn.k_bias": ("self_attn.k_proj.bias", "merge_first2"),
+    "attn.v_bias": ("self_attn.v_proj.bias", "merge_first2"),
+    "attn.o_bias": ("self_attn.o_proj.bias", "same"),
+    "attn.q_norm.scale": ("self_attn.q_norm.weight", "same"),
+    "attn.k_norm.scale": ("self_attn.k_norm.weight", "same"),
+    "mlp.gate": ("mlp.gate_proj.weight", "same"),
+    "mlp.up": ("mlp.up_proj.weight", "same"),
+    "mlp.down": ("mlp.down_proj.weight", "same"),
 }
 _GLOBAL_MAP = {
-    "embed": ("model.embed_tokens.weight", "id"),
-    "norm.scale": ("model.norm.weight", "id"),
-    "lm_head": ("lm_head.weight", "T"),
+    "embed": ("model.embed_tokens.weight", "same"),
+    "norm.scale": ("model.norm.weight", "same"),
+    "lm_head": ("lm_head.weight", "same"),
 }
-
-
-def _to_ours(kind: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """HF layout -> our layout (`shape` is our per-layer shape)."""
-    if kind == "id":
-        return a
-    if kind == "T":
-        return a.T
-    if kind == "in_heads":      # [n*D, E] -> [E, n, D]
-        return a.T.reshape(shape)
-    if kind == "out_heads":     # [E, H*D] -> [H, D, E]
-        return a.T.reshape(shape)
-    if kind == "bias_heads":    # [n*D] -> [n, D]
-        return a.reshape(shape)
-    raise AssertionError(kind)
-
-
-def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
-    """Our layout -> HF layout."""
-    if kind == "id":
-        return a
-    if kind == "T":
-        return a.T
-    if kind == "in_heads":
-        return a.reshape(a.shape[0], -1).T
-    if kind == "out_heads":
-        return a.reshape(-1, a.shape[-1]).T
-    if kind == "bias_heads":
-        return a.reshape(-1)
-    raise AssertionError(kind)
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _to_hf(kind, np.empty(shape, np.uint8)).shape
+    """The HF tensor shape behind one of our per-layer shapes."""
+    if kind == "merge_first2":
+        return (shape[0] * shape[1], *shape[2:])
+    if kind == "merge_last2":
+        return (*shape[:-2], shape[-2] * shape[-1])
+    return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -219,7 +195,7 @@ def _host_value(e: _Entry, table: dict[str, SafeTensorsFile], dtype: np.dtype) -
     """The Variable's value in our layout and `dtype` as one fresh host array (per-layer tensors stacked).
     The cast happens here, on the host: NumPy/ml_dtypes casts faster than a per-shape compiled device cast,
     and a bfloat16 target halves the bytes sent to the device."""
-    parts = [_to_ours(e.kind, table[k].get(k), e.shape) for k in e.hf_keys]
+    parts = [table[k].get(k).reshape(e.shape) for k in e.hf_keys]
     if e.stacked:
         out = np.empty((len(parts), *e.shape), dtype)
         for i, part in enumerate(parts):
@@ -338,7 +314,7 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, *, tokenizer
             e = plan[i]
             host = _to_host(values[e.path].get_value(), dtype)
             layers = host if e.stacked else [host]
-            tensors += [(k, _to_hf(e.kind, a)) for k, a in zip(e.hf_keys, layers)]
+            tensors += [(k, a.reshape(_hf_shape(e.kind, e.shape))) for k, a in zip(e.hf_keys, layers)]
         if writer:
             total += write_safetensors(out / name, tensors, {"format": "pt"})
         weight_map.update({k: name for k, _ in tensors})

@@ -106,10 +106,11 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), cfg, stack, "normal")
-        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg, stack, "normal")
-        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg, stack, "normal")
-        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg, stack, "normal")
+        # Kernels keep Hugging Face's [out, in] layout (split per head), so loading and saving never transpose.
+        self.q = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg, stack, "normal")
+        self.k = _param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), cfg, stack, "normal")
+        self.v = _param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), cfg, stack, "normal")
+        self.o = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), cfg, stack, "normal")
         if cfg.attention_bias:
             self.q_bias = _param(None, (h, d), ("heads", "head_dim"), cfg, stack, "zeros")
             self.k_bias = _param(None, (kv, d), ("kv_heads", "head_dim"), cfg, stack, "zeros")
@@ -127,9 +128,9 @@ class Attention(nnx.Module):
         """x[B,T,E] -> [B,T,E]. `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
         (the whole cache `[layers,B,S,KV,D]`), the new keys/values are written at `layer`, slots `index..`."""
         cfg, dt = self.cfg, x.dtype
-        q = _dot("bte,ehd->bthd", x, self.q[...], dt)
-        k = _dot("bte,ehd->bthd", x, self.k[...], dt)
-        v = _dot("bte,ehd->bthd", x, self.v[...], dt)
+        q = _dot("bte,hde->bthd", x, self.q[...], dt)
+        k = _dot("bte,hde->bthd", x, self.k[...], dt)
+        v = _dot("bte,hde->bthd", x, self.v[...], dt)
         if cfg.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -146,7 +147,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             kv = (k_all, v_all)
         out = attend(q, k, v, allowed)
-        out = _dot("bthd,hde->bte", out, self.o[...], dt)
+        out = _dot("bthd,ehd->bte", out, self.o[...], dt)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, kv
@@ -170,15 +171,15 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
-        self.up = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
-        self.down = _param(rngs, (m, e), ("mlp", "embed"), cfg, stack, "normal")
+        self.gate = _param(rngs, (m, e), ("mlp", "embed"), cfg, stack, "normal")
+        self.up = _param(rngs, (m, e), ("mlp", "embed"), cfg, stack, "normal")
+        self.down = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        g = jnp.einsum("bte,em->btm", x, self.gate[...].astype(dt), preferred_element_type=F32)
-        u = jnp.einsum("bte,em->btm", x, self.up[...].astype(dt), preferred_element_type=F32)
-        return _dot("btm,me->bte", (jax.nn.silu(g) * u).astype(dt), self.down[...], dt)
+        g = jnp.einsum("bte,me->btm", x, self.gate[...].astype(dt), preferred_element_type=F32)
+        u = jnp.einsum("bte,me->btm", x, self.up[...].astype(dt), preferred_element_type=F32)
+        return _dot("btm,em->bte", (jax.nn.silu(g) * u).astype(dt), self.down[...], dt)
 
 
 class Block(nnx.Module):
@@ -213,7 +214,7 @@ class Transformer(nnx.Module):
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, None, "normal")
+            self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, None, "normal")
 
     # -- public API
 
@@ -258,11 +259,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., V] from final hidden states [..., E]."""
         dt = self.config.compute_dtype
-        if self.config.tie_word_embeddings:
-            return jnp.einsum("...e,ve->...v", hidden.astype(dt), self.embed[...].astype(dt),
-                              preferred_element_type=F32)
-        return jnp.einsum("...e,ev->...v", hidden.astype(dt), self.lm_head[...].astype(dt),
-                          preferred_element_type=F32)
+        head = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return jnp.einsum("...e,ve->...v", hidden.astype(dt), head[...].astype(dt), preferred_element_type=F32)
 
     # -- internals
 
