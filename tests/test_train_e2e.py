@@ -146,3 +146,22 @@ def test_sigterm_checkpoints_and_exits_cleanly(checkpoints, tmp_path):
     assert steps and steps[-1] == read_jsonl(str(workdir))[-1]["step"] < 1000
     model, step = ckpt_lib.load_policy(str(workdir))
     assert step == steps[-1] and model.config.hidden_size == 32
+
+
+def test_nonfinite_updates_are_skipped_and_stop_the_run(checkpoints, tmp_path):
+    """A NaN learning rate makes every update non-finite: each is skipped, and after max_bad_steps the run stops
+    without writing a checkpoint."""
+    from capo_jax.rl.loop import StopTraining
+
+    policy, _ = checkpoints
+    cfg = _config(tmp_path / "w", policy, "", total_steps=5, max_bad_steps=2,
+                  **{"critic.backend": "rule", "optim.learning_rate": float("nan"), "checkpoint.every": 1})
+    run = Run(cfg)
+    before = _params(run)
+    with pytest.raises(StopTraining, match="2 consecutive steps with non-finite updates"):
+        run.train()
+    assert run.step == 2
+    assert ckpt_lib.Checkpointer(cfg.workdir).all_steps() == []
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_params(run))):
+        np.testing.assert_array_equal(a, b)
+    assert [r["train/skipped_updates"] for r in read_jsonl(cfg.workdir)] == [1.0, 1.0]

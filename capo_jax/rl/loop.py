@@ -440,19 +440,18 @@ class Run:
                 self._log(f"[train] already at step {self.step} of {total}: nothing to do")
             while self.step < stop_at and not self._stop_signal:
                 metrics = self.train_step()
-                if metrics.get("train/skipped_updates", 0.0) > 0:
-                    bad_in_a_row += 1
+                skipped = metrics.get("train/skipped_updates", 0.0) > 0
+                bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+                if int(cfg.eval.every) > 0 and (self.step % int(cfg.eval.every) == 0 or self.step == total):
+                    metrics.update(self.evaluate())
+                if self.step % int(lg.every) == 0 or self.step == stop_at or skipped:
+                    self.writer.write(self.step, metrics)
+                if skipped:
                     self._log(f"[train] step {self.step}: {int(metrics['train/skipped_updates'])} update(s) skipped "
-                              f"(non-finite loss or gradient); {bad_in_a_row} step(s) in a row")
+                              f"(non-finite loss, gradient or update); {bad_in_a_row} step(s) in a row")
                     if bad_in_a_row >= int(cfg.max_bad_steps):
                         raise StopTraining(f"{bad_in_a_row} consecutive steps with non-finite updates "
                                            f"(max_bad_steps={cfg.max_bad_steps}); stopping without a new checkpoint")
-                else:
-                    bad_in_a_row = 0
-                if int(cfg.eval.every) > 0 and self.step % int(cfg.eval.every) == 0:
-                    metrics.update(self.evaluate())
-                if self.step % int(lg.every) == 0 or self.step == stop_at:
-                    self.writer.write(self.step, metrics)
                 if bad_in_a_row == 0 and (self.checkpointer.should_save(self.step) or self.step in (stop_at, total)):
                     self.save()
             if self._stop_signal:

@@ -232,9 +232,9 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         if opts.kl_coef > 0:
             stats0["kl"] = jnp.zeros((), jnp.float32)
         (grads, loss, stats), _ = jax.lax.scan(micro_step, (zero_grads, jnp.zeros((), jnp.float32), stats0), micro)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         new_params = optax.apply_updates(params, updates)
         params = _select(ok, new_params, params)
         opt_state = _select(ok, new_opt_state, opt_state)
@@ -371,7 +371,8 @@ class PolicyTrainer:
         if missing:
             raise KeyError(f"rollout batch lacks {missing}; the train step needs {list(BATCH_KEYS)}")
         host = {k: np.asarray(batch[k], dtype=BATCH_KEYS[k]) for k in BATCH_KEYS}
-        return {k: jax.device_put(v, s) for (k, v), s in zip(host.items(), self.batch_shardings(host).values())}
+        # each process passes its own rows (multi-host: its share of the prompts); one process: the whole batch
+        return {k: jax.make_array_from_process_local_data(s, v) for (k, v), s in zip(host.items(), self.batch_shardings(host).values())}
 
     def step(self, batch: Mapping[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
         """One RL update on a rollout batch; returns the step's metrics (device scalars)."""
