@@ -174,7 +174,7 @@ def test_decode_step_is_jittable_and_chunked_prefill_agrees(tiny):
 
 
 def _random_model(**kw):
-    cfg = ModelConfig(model_type="qwen3", qk_norm=True, head_dim=12, num_layers=3, vocab_size=97, **kw)
+    cfg = ModelConfig(model_type="qwen3", qk_norm=True, head_dim=12, num_layers=2, vocab_size=97, **kw)
     return create_model(cfg, seed=0)
 
 
@@ -268,3 +268,44 @@ def test_init_cache_shapes_and_hidden_states_with_cache():
     assert hidden.shape == (2, 5, cfg.hidden_size) and int(new.index) == 5
     # a bfloat16 cache still reproduces the float32 forward closely
     np.testing.assert_allclose(model.logits(hidden), forward(model, ids), atol=0.05)
+
+
+# config.json files as published (Qwen2.5-0.5B-Instruct, Llama-3.2-1B-Instruct), pre-transformers-5 layout
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 14,
+    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256}
+
+
+def test_published_configs_read_correctly():
+    q = ModelConfig.from_hf(QWEN25_05B)
+    assert (q.head_dim, q.num_kv_heads, q.tie_word_embeddings, q.attention_bias, q.attention_out_bias, q.qk_norm,
+            q.rope_theta, q.rope_scaling) == (64, 2, True, True, False, False, 1e6, None)
+    ll = ModelConfig.from_hf(LLAMA32_1B)
+    assert ll.eos_token_id == (128001, 128008, 128009) and ll.rope_scaling["factor"] == 32.0
+    assert ll.rope_scaling["original_max_position_embeddings"] == 8192 and not ll.attention_bias
+    # and what transformers makes of them: same RoPE frequencies
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf_cfg = transformers.LlamaConfig(**LLAMA32_1B)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    np.testing.assert_allclose(rope_inv_freq(ll), theirs.numpy(), rtol=1e-6)
+
+
+def test_cache_overflow_is_refused_outside_jit():
+    model = _random_model()
+    cache = init_cache(model.config, 1, 4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(_ids(1, 5, vocab=97), cache=cache)

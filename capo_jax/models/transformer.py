@@ -242,6 +242,7 @@ class Transformer(nnx.Module):
             allowed = am[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
             kv, index, new_mask = None, None, None
         else:
+            _check_room(cache, t)
             index = jnp.asarray(cache.index, jnp.int32)
             new_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, index))
             slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
@@ -286,6 +287,14 @@ class Transformer(nnx.Module):
 
         (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), state)
         return x, kv
+
+
+def _check_room(cache: KVCache, t: int) -> None:
+    """Outside jit, refuse a write past the cache's end (inside jit the caller sizes `max_len`: the write would
+    be clamped to the last slots)."""
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.k.shape[2]:
+        raise ValueError(f"KV cache full: {int(cache.index)} + {t} new tokens > max_len {cache.k.shape[2]}; "
+                         "allocate init_cache with a larger max_len")
 
 
 def default_positions(attention_mask: jax.Array, already: jax.Array | None = None) -> jax.Array:
