@@ -11,12 +11,13 @@ import pathlib
 import sys
 import tempfile
 import time
+import zlib
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from capo_jax.models.safetensors_io import SafeTensorsFile, write_safetensors
+from capo_jax.models.safetensors_io import SafeTensorsFile, write_safetensors_streaming
 
 QWEN25_05B = dict(
     architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
@@ -62,14 +63,15 @@ def write_random_checkpoint(folder: pathlib.Path, cfg: dict, dtype: str, shard_b
         shards[-1].append(n)
         size += nbytes
     total, weight_map = 0, {}
+
+    def produce(n: str) -> np.ndarray:  # one tensor at a time: memory stays at one tensor + the pool
+        count = int(np.prod(shapes[n]))
+        start = (zlib.crc32(n.encode()) % 7919) * 64
+        return np.resize(pool[start:], count).reshape(shapes[n])
+
     for s, members in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = []
-        for j, n in enumerate(members):
-            count = int(np.prod(shapes[n]))
-            start = (j * 7919) % (pool.size // 2)
-            tensors.append((n, np.resize(pool[start:], count).reshape(shapes[n])))
-        total += write_safetensors(folder / fname, tensors)
+        total += write_safetensors_streaming(folder / fname, [(n, shapes[n], np_dtype) for n in members], produce)
         weight_map.update({n: fname for n in members})
     if len(shards) > 1:
         (folder / "model.safetensors.index.json").write_text(

@@ -9,7 +9,7 @@ import math
 import os
 import pathlib
 import struct
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -92,13 +92,22 @@ def dtype_code(dtype: np.dtype) -> str:
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict[str, str] | None = None) -> int:
     """Write (name, array) pairs to `path` (atomically via a temporary file); returns bytes of tensor data."""
-    tensors = [(name, np.ascontiguousarray(a)) for name, a in tensors]
+    arrays = dict(tensors)
+    specs = [(name, a.shape, a.dtype) for name, a in arrays.items()]
+    return write_safetensors_streaming(path, specs, arrays.__getitem__, metadata)
+
+
+def write_safetensors_streaming(path: str | os.PathLike, specs: Sequence[tuple[str, tuple[int, ...], Any]],
+                                produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> int:
+    """Write tensors described by (name, shape, dtype) whose data `produce(name)` returns one at a time, so only
+    one tensor need be in memory; atomic via a temporary file. Returns bytes of tensor data."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    for name, a in tensors:
-        header[name] = {"dtype": dtype_code(a.dtype), "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": dtype_code(dtype), "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path = pathlib.Path(path)
@@ -106,7 +115,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, a in tensors:
+        for name, shape, dtype in specs:
+            a = np.ascontiguousarray(produce(name))
+            if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {name!r}: produced {a.shape} {a.dtype}, declared {tuple(shape)} {dtype}")
             f.write(memoryview(a.reshape(-1).view(np.uint8)))
     os.replace(tmp, path)
     return offset
