@@ -7,8 +7,10 @@ are dropped first, so `('data', 'fsdp')` can shrink to `('data',)`) -- tiny test
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Mapping, Sequence
+import threading
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -174,3 +176,28 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Rules) -> Any:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding on `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, the model pins its activations (batch over `('data', 'fsdp')`, logits'
+    vocab per `rules`) with sharding constraints, so GSPMD all-gathers FSDP weights rather than resharding
+    activations. Outside it, `constrain` is a no-op."""
+    previous = getattr(_ACTIVATIONS, "value", None)
+    _ACTIVATIONS.value = (mesh, rules)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.value = previous
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` with a sharding constraint from logical `names` under the active `activation_sharding`, else `x`."""
+    active = getattr(_ACTIVATIONS, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, mesh, rules, x.shape))

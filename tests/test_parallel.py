@@ -33,7 +33,8 @@ def test_logical_to_spec_rules_and_divisibility_fallback():
     assert parallel.logical_to_spec(("layers", "embed", "heads", "head_dim"), rules, mesh, (2, 64, 8, 16)) == \
         P(None, "fsdp", "tensor", None)
     # 2 kv heads cannot split 4 ways: replicated, not an error
-    assert parallel.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 2, 16)) == P("fsdp", None, None)
+    spec = parallel.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 2, 16))
+    assert spec == P("fsdp", None, None)
     # an odd embed size falls back too
     assert parallel.logical_to_spec(("vocab", "embed"), rules, mesh, (272, 63)) == P("tensor", None)
     # batch over ('data', 'fsdp'): size-1 'data' is dropped; a tuple shrinks from the right when it must
@@ -66,6 +67,10 @@ def test_sharded_forward_equals_unsharded():
     assert q.addressable_shards[0].data.shape == (2, 1, 16, 32)
     out = _jit_forward(model)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    with parallel.activation_sharding(mesh, parallel.policy_rules()):  # pinned activations: same values
+        pinned = _jit_forward(model)
+    np.testing.assert_allclose(np.asarray(pinned), ref, atol=1e-5)
+    assert pinned.sharding.spec == P("fsdp", None, "tensor")
     # a sharded KV cache + sharded batch through the cached path
     cache = init_cache(cfg, 4, 12)
     cache = jax.device_put(cache, parallel.cache_shardings(cache, mesh, parallel.policy_rules()))

@@ -39,7 +39,8 @@ class SafeTensorsFile:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > _MAX_HEADER or 8 + n > size:
                 raise SafetensorsError(
-                    f"{self.path}: header of {n} bytes does not fit in a {size}-byte file (truncated or not safetensors)")
+                    f"{self.path}: header of {n} bytes does not fit in a {size}-byte file "
+                    "(truncated, or not a safetensors file)")
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capo_jax import parallel
 from capo_jax.models.cache import KVCache
 from capo_jax.models.config import ModelConfig
 
 F32 = jnp.float32
 _NEG = float(np.finfo(np.float32).min)
+_ACT = ("batch", "length", None)  # activations [B, T, E]: batch sharded, embed replicated
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -250,7 +252,7 @@ class Transformer(nnx.Module):
             allowed = new_mask[:, None, :] & causal[None]
             kv = (cache.k, cache.v)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)
+        x = parallel.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype), _ACT)
         x, kv = self._run_layers(x, cos, sin, allowed, kv, index)
         hidden = self.norm(x)
         if cache is None:
@@ -261,7 +263,8 @@ class Transformer(nnx.Module):
         """float32 logits [..., V] from final hidden states [..., E]."""
         dt = self.config.compute_dtype
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        return jnp.einsum("...e,ve->...v", hidden.astype(dt), head[...].astype(dt), preferred_element_type=F32)
+        out = jnp.einsum("...e,ve->...v", hidden.astype(dt), head[...].astype(dt), preferred_element_type=F32)
+        return parallel.constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
     # -- internals
 
@@ -269,7 +272,8 @@ class Transformer(nnx.Module):
         cfg = self.config
 
         def step(layer_state, graphdef, x, kv, i):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, allowed, kv, index, i)
+            x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, allowed, kv, index, i)
+            return parallel.constrain(x, _ACT), kv
 
         if cfg.remat:
             step = jax.checkpoint(step, prevent_cse=False, static_argnums=(1,))
@@ -312,12 +316,9 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-
 def create_model(config: ModelConfig, *, seed: int = 0, mesh: Any = None, rules: Any = None) -> Transformer:
     """A randomly initialised Transformer, created in one compiled program (fast), each parameter placed on its
     sharding under `rules` (default `policy_rules()`) when `mesh` is given. Use for models trained from scratch."""
-    from capo_jax import parallel
-
     def rngs():  # the RngBitGenerator key compiles ~4x faster than threefry on CPU
         return nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
 
