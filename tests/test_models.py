@@ -210,9 +210,8 @@ def test_remat_gives_same_values_and_gradients():
     grad = nnx.jit(nnx.value_and_grad(loss))
     la, ga = grad(plain)
     lb, gb = grad(remat)
-    jaxpr = str(jax.make_jaxpr(lambda s: nnx.value_and_grad(loss)(nnx.merge(nnx.graphdef(remat), s)))(
-        nnx.state(remat)))
-    assert "remat" in jaxpr or "checkpoint" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda s: loss(nnx.merge(nnx.graphdef(remat), s)))(nnx.state(remat)))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
     np.testing.assert_allclose(la, lb, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, atol=1e-6)
@@ -264,7 +263,7 @@ def test_init_cache_shapes_and_hidden_states_with_cache():
     assert cache.k.shape == (cfg.num_layers, 2, 8, cfg.num_kv_heads, cfg.head_dim) and cache.k.dtype == jnp.bfloat16
     assert cache.mask.shape == (2, 8) and cache.index.dtype == jnp.int32
     ids = _ids(2, 5, vocab=97)
-    hidden, new = model.hidden_states(ids, cache=cache)
+    hidden, new = nnx.jit(lambda m, ids, c: m.hidden_states(ids, cache=c))(model, ids, cache)
     assert hidden.shape == (2, 5, cfg.hidden_size) and int(new.index) == 5
     # a bfloat16 cache still reproduces the float32 forward closely
     np.testing.assert_allclose(model.logits(hidden), forward(model, ids), atol=0.05)
