@@ -112,3 +112,18 @@ def test_batch_sharding_helpers():
     assert out["ids"].sharding.spec == P(("data", "fsdp"), None)
     assert out["step"].sharding.spec == P()
     assert parallel.batch_sharding(jnp.zeros((6, 3)), mesh).spec == P("data", None)
+
+
+def test_sharded_model_exports_the_same_weights(tmp_path):
+    from capo_jax.models import save_pretrained
+    from capo_jax.models.safetensors_io import SafeTensorsFile
+
+    src = make_tiny_checkpoint(tmp_path / "src", "llama", tokenizer=False)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    model = from_pretrained(src, mesh=mesh, rules=parallel.inference_rules())
+    assert model.layers.mlp.up.get_value().sharding.spec == P(None, "tensor", None)
+    out = save_pretrained(model, tmp_path / "out")
+    a, b = SafeTensorsFile(src / "model.safetensors"), SafeTensorsFile(out / "model.safetensors")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=k)
