@@ -52,6 +52,8 @@ class Run:
     name: str
     times: list[float]
     losses: list[float]
+    peaks: dict[str, float] = dataclasses.field(default_factory=dict)  # matmul GFLOP/s measured just before
+    load: str = ""  # load average just before
 
     def tokens_per_s(self, tokens: int) -> float:
         timed = self.times[1:] or self.times
@@ -209,7 +211,7 @@ def _bf16_dot_custom_vjp():
 
     @jax.custom_vjp
     def dot(x, w):
-        return jnp.einsum("te,em->tm", x.astype(bf16), w.astype(bf16), preferred_element_type=f32).astype(bf16)
+        return jnp.einsum("te,me->tm", x.astype(bf16), w.astype(bf16), preferred_element_type=f32).astype(bf16)
 
     def fwd(x, w):
         return dot(x, w), (x.astype(bf16), w.astype(bf16))
@@ -217,15 +219,16 @@ def _bf16_dot_custom_vjp():
     def bwd(res, g):
         x, w = res
         g = g.astype(bf16)
-        return (jnp.einsum("tm,em->te", g, w, preferred_element_type=f32).astype(x.dtype),
-                jnp.einsum("te,tm->em", x, g, preferred_element_type=f32))
+        return (jnp.einsum("tm,me->te", g, w, preferred_element_type=f32).astype(x.dtype),
+                jnp.einsum("te,tm->me", x, g, preferred_element_type=f32))
 
     dot.defvjp(fwd, bwd)
     return dot
 
 
 def matmul_grad_probe(tokens: int = 4096, reps: int = 5) -> list[tuple[str, float]]:
-    """GFLOP/s of forward + backward of one MLP-sized matmul [tokens, 768] x [768, 2048] three ways:
+    """GFLOP/s of forward + backward of one MLP-sized matmul [tokens, 768] x [2048, 768]^T (the model's
+    [out, in] kernel layout) three ways:
     float32; bf16 through the model's own `_dot` (whose backward dots see a float32 cotangent);
     bf16 with a custom VJP that keeps the backward operands in bfloat16."""
     import jax
@@ -236,10 +239,10 @@ def matmul_grad_probe(tokens: int = 4096, reps: int = 5) -> list[tuple[str, floa
 
     h, m = HF_CONFIG["hidden_size"], HF_CONFIG["intermediate_size"]
     x = jax.random.normal(jax.random.key(0), (tokens, h), jnp.float32)
-    w = 0.03 * jax.random.normal(jax.random.key(1), (h, m), jnp.float32)
+    w = 0.03 * jax.random.normal(jax.random.key(1), (m, h), jnp.float32)
     variants = [
-        ("float32", lambda x, w: _dot("te,em->tm", x, w, jnp.float32), x),
-        ("bf16, model's _dot", lambda x, w: _dot("te,em->tm", x, w, jnp.bfloat16), x.astype(jnp.bfloat16)),
+        ("float32", lambda x, w: _dot("te,me->tm", x, w, jnp.float32), x),
+        ("bf16, model's _dot", lambda x, w: _dot("te,me->tm", x, w, jnp.bfloat16), x.astype(jnp.bfloat16)),
         ("bf16, bf16 cotangents", _bf16_dot_custom_vjp(), x.astype(jnp.bfloat16)),
     ]
     out = []
@@ -339,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     size = 1024 if args.quick else 2048
-    peaks = {"float32": measure_matmul(jnp.float32, size=size), "bfloat16": measure_matmul(jnp.bfloat16, jnp.float32, size=size)}
-    print(f"matmul peaks measured now: float32 {peaks['float32']:.0f} GFLOP/s, "
-          f"bfloat16->float32 {peaks['bfloat16']:.0f} GFLOP/s")
+
+    def peaks_now() -> dict[str, float]:
+        """Matmul peaks measured right before a run: the load of this shared machine changes by the minute."""
+        return {"float32": measure_matmul(jnp.float32, size=size, reps=3),
+                "bfloat16": measure_matmul(jnp.bfloat16, jnp.float32, size=size, reps=3)}
+
     flops = step_flops(HF_CONFIG, w)
     print(f"model: Qwen2-shaped {HF_CONFIG['hidden_size']}h x {HF_CONFIG['num_hidden_layers']}L, vocab "
           f"{HF_CONFIG['vocab_size']}; batch {w.batch} x ({w.prompt} prompt + {w.response} response) = {w.tokens} "
@@ -353,21 +359,25 @@ def main(argv: list[str] | None = None) -> int:
         batch = make_batch(w, HF_CONFIG["vocab_size"])
         batch["sampler_logp"] = torch_old_logp(folder, batch, w)
         adv = advantages(batch, w)
-        if not args.no_torch:
-            runs.append(torch_run(folder, batch, adv, w))
-            print(f"  done: {runs[-1].name} (load {_load()})", flush=True)
-        for dtype in dtypes:
-            runs.append(jax_run(folder, batch, w, dtype))
-            print(f"  done: {runs[-1].name} (load {_load()})", flush=True)
+        jobs = [] if args.no_torch else [lambda: torch_run(folder, batch, adv, w)]
+        jobs += [lambda dtype=dtype: jax_run(folder, batch, w, dtype) for dtype in dtypes]
+        for job in jobs:
+            peaks, load = peaks_now(), _load()
+            run = job()
+            run.peaks, run.load = peaks, load
+            runs.append(run)
+            print(f"  done: {run.name} (load before {load}, after {_load()})", flush=True)
 
     base = next((r for r in runs if r.name.startswith("pytorch")), None)
-    print(f"\n{'run':<22}{'tokens/s':>10}{'vs torch':>10}{'s/update':>10}{'first':>8}{'MFU f32 peak':>14}{'MFU bf16 peak':>15}")
+    print("\nMFU = achieved model FLOP/s over the matmul peaks measured just before each run (GFLOP/s in brackets)")
+    print(f"{'run':<22}{'tokens/s':>10}{'vs torch':>10}{'s/update':>10}{'first':>8}{'MFU f32 peak':>20}{'MFU bf16 peak':>20}")
     for r in runs:
         tps = r.tokens_per_s(w.tokens)
         ratio = f"{tps / base.tokens_per_s(w.tokens):.2f}x" if base else "-"
         achieved = tps * flops / w.tokens / 1e9
+        f32_peak, bf16_peak = r.peaks["float32"], r.peaks["bfloat16"]
         print(f"{r.name:<22}{tps:>10.1f}{ratio:>10}{w.tokens / tps:>10.2f}{r.times[0]:>8.1f}"
-              f"{100 * achieved / peaks['float32']:>13.1f}%{100 * achieved / peaks['bfloat16']:>14.1f}%")
+              f"{100 * achieved / f32_peak:>12.1f}% ({f32_peak:>4.0f}){100 * achieved / bf16_peak:>12.1f}% ({bf16_peak:>4.0f})")
     print("\nloss per update (PPO-clip token mean on the credit function's advantages, same batch every update):")
     for r in runs:
         print(f"  {r.name:<20} {_curve(r)}")
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  max |bf16 - f32| {drift:.2e} (f32 curve moves {moved:.2e}{ref})")
 
     if not args.no_probe:
-        print("\nmatmul forward + backward probe, [4096, 768] x [768, 2048] (where bf16 time goes):")
+        print("\nmatmul forward + backward probe, [4096, 768] x [2048, 768]^T (where bf16 time goes):")
         for name, gflops in matmul_grad_probe(reps=3 if args.quick else 5):
             print(f"  {name:<24}{gflops:>8.0f} GFLOP/s")
 
