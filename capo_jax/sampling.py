@@ -9,6 +9,7 @@ static arguments, so later calls with new weights or new prompts in the same buc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -129,6 +130,7 @@ class _Plan:
     share_prefix: bool
     row_sharding: NamedSharding | None
     cache_sharding: KVCache | None  # of NamedSharding, for the decode cache
+    unstack: "_Unstack | None" = None  # run a scanned layer stack as separate layers (see `_unstack_layout`)
 
     @property
     def rows(self) -> int:
@@ -152,6 +154,62 @@ class _Carry(NamedTuple):
     prompt_idx: jax.Array  # int32[N]
     sample_idx: jax.Array  # int32[N]
     step: jax.Array  # int32[] tokens generated so far
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unstack:
+    """How to view a scanned model (layer params stacked `[L, ...]`) as its unscanned twin: the twin's graphdef
+    and, per twin variable, (its path, the scanned path, the layer index or None)."""
+
+    graphdef: nnx.GraphDef
+    mapping: tuple[tuple[tuple, tuple, int | None], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _unstack_layout(model_type: type, config: Any, graphdef: nnx.GraphDef) -> _Unstack | None:
+    """The unscanned twin of a scanned model, or None when the model is not scanned or its structure is not the
+    expected one (then the scanned model runs as is).
+
+    Why: inside the decode `while_loop`, XLA:CPU copies each layer's weights out of the stacked arrays at every
+    step (a dynamic-slice feeding a dot); slicing them once per call outside the loop removes that traffic."""
+    if not getattr(config, "scan_layers", False):
+        return None
+    try:
+        twin = nnx.eval_shape(lambda: model_type(config.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+        scanned = nnx.eval_shape(lambda: model_type(config, rngs=nnx.Rngs(0)))
+    except Exception:  # a model class without this constructor: run it scanned
+        return None
+    sgraph, sstate = nnx.split(scanned)
+    if sgraph != graphdef:
+        return None
+    shapes = {path: v.value.shape for path, v in nnx.to_flat_state(sstate)}
+    tgraph, tstate = nnx.split(twin)
+    mapping = []
+    for path, var in nnx.to_flat_state(tstate):
+        if len(path) > 1 and path[0] == "layers" and isinstance(path[1], int):
+            src, index = ("layers", *path[2:]), path[1]
+            ok = src in shapes and shapes[src] == (config.num_layers, *var.value.shape)
+        else:
+            src, index = path, None
+            ok = shapes.get(src) == var.value.shape
+        if not ok:
+            return None
+        mapping.append((path, src, index))
+    if {src for _, src, _ in mapping} != set(shapes):
+        return None
+    return _Unstack(tgraph, tuple(mapping))
+
+
+def _merge(graphdef: nnx.GraphDef, state: nnx.State, unstack: _Unstack | None) -> nnx.Module:
+    """The model from its split state (inside jit), per layer unstacked when `unstack` says how."""
+    if unstack is None:
+        return nnx.merge(graphdef, state)
+    flat = dict(nnx.to_flat_state(state))
+    pieces = []
+    for path, src, index in unstack.mapping:
+        var = flat[src]
+        pieces.append((path, var if index is None else var.replace(var[...][index])))
+    return nnx.merge(unstack.graphdef, nnx.from_flat_state(pieces))
 
 
 # ----------------------------------------------------------------------------- device side (pure, jitted)
@@ -197,7 +255,7 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
              prompt_idx: jax.Array, valid: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
              stops: jax.Array) -> _Carry:
     """Prefill the bucketed prompts once, broadcast the cache to n samples, sample token 0 -> decode carry."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state, plan.unstack)
     n = plan.n
     if not plan.share_prefix:
         ids, mask, prompt_idx, valid = (jnp.repeat(a, n, axis=0) for a in (ids, mask, prompt_idx, valid))
@@ -232,13 +290,13 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
 def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry, rng: jax.Array,
             temperature: jax.Array, top_p: jax.Array, stops: jax.Array) -> _Carry:
     """Feed the last token, sample the next, until every row stopped or `max_new` tokens exist."""
+    model = _merge(graphdef, state, plan.unstack)  # outside the loop: any weight slicing happens once per call
     ones = jnp.ones((plan.rows, 1), bool)
 
     def cond(c: _Carry) -> jax.Array:
         return (c.step < plan.max_new) & ~jnp.all(c.done)
 
     def body(c: _Carry) -> _Carry:
-        model = nnx.merge(graphdef, state)
         positions = (c.prompt_lens + c.step - 1)[:, None]
         hidden, cache = model.hidden_states(c.last[:, None], ones, positions, c.cache)
         logits = model.logits(hidden[:, 0])
@@ -318,6 +376,11 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
     axes = _batch_axes(mesh)
     dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
     batch = batch_bucket(num_prompts, dp)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    if batch * params.n == 1 and platform == "cpu" and canonical_dtype(config.dtype) != "float32":
+        # XLA:CPU lowers a 1-row bfloat16 dot to a slow naive loop (0.3 GB/s on the tied vocab projection here);
+        # a second (discarded, already-stopped) row puts every dot on the fast GEMM path.
+        batch = 2
     prompt_len = prompt_bucket(max_prompt, params.bucket_multiple)
     pad = params.pad_token_id if params.pad_token_id is not None else config.pad_token_id
     plan = _Plan(batch=batch, prompt_len=prompt_len, n=int(params.n), max_new=int(params.max_new_tokens),
@@ -362,12 +425,13 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, rng: Any,
-             mesh: Mesh | None = None) -> GenerationResult:
+             mesh: Mesh | None = None, *, unstack_layers: bool | None = None) -> GenerationResult:
     """Sample `params.n` continuations of each token-id prompt; row `i * n + j` is sample j of prompt i.
 
-    `model` is a `capo_jax.models.Transformer` (used live: its current weights, no copy). With `mesh`, rows go
-    over the ('data', 'fsdp') axes and cache heads over 'tensor'; the model state keeps the caller's sharding.
-    `rng` is a jax key (or an int seed)."""
+    `model` is a `capo_jax.models.Transformer` (used live: its current weights). With `mesh`, rows go over the
+    ('data', 'fsdp') axes and cache heads over 'tensor'; the model state keeps the caller's sharding. `rng` is a
+    jax key (or an int seed). `unstack_layers` (default: on CPU) runs a scanned layer stack as separate layers,
+    slicing the weights once per call inside the jitted functions instead of once per decode step."""
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
     config = model.config
@@ -378,6 +442,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
         in_sharding = NamedSharding(mesh, PartitionSpec(plan.row_sharding.spec[0]))
         ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
     graphdef, state = nnx.split(model)
+    if unstack_layers is None:
+        unstack_layers = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+    if unstack_layers:
+        plan = dataclasses.replace(plan, unstack=_unstack_layout(type(model), config, graphdef))
     rng = _as_key(rng)
     temperature = jnp.float32(params.temperature if not params.greedy else 1.0)
     top_p = jnp.float32(params.top_p)
@@ -392,7 +460,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
 
 
 def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, rng: Any,
-                  mesh: Mesh | None = None, *, add_special_tokens: bool = True) -> TextGenerationResult:
+                  mesh: Mesh | None = None, *, add_special_tokens: bool = True,
+                  unstack_layers: bool | None = None) -> TextGenerationResult:
     """`generate` on strings: encode with `tokenizer` (a transformers tokenizer), also stop at its EOS, and
     decode each sample without its stop token and special tokens."""
     if isinstance(prompts, str):
@@ -401,7 +470,7 @@ def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], par
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not params.ignore_eos:
         params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
-    result = generate(model, ids, params, rng, mesh)
+    result = generate(model, ids, params, rng, mesh, unstack_layers=unstack_layers)
     stops = set(_stop_ids(params, model.config))
     texts = []
     for row, length in zip(result.tokens, result.lengths):

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from jax._src import monitoring
 
 from capo_jax import parallel
 from capo_jax.models.hf_io import from_pretrained
-from capo_jax.sampling import (SamplingParams, batch_bucket, compiled_cache_sizes, generate, generate_text,
-                               prompt_bucket, sample_logits)
+from capo_jax.sampling import (SamplingParams, _unstack_layout, batch_bucket, compiled_cache_sizes, generate,
+                               generate_text, prompt_bucket, sample_logits)
 from tiny_hf import make_tiny_checkpoint, make_tokenizer
 
 PROMPT_LENGTHS = (3, 9, 14)  # ragged, one bucket (16)
@@ -67,6 +68,12 @@ def test_greedy_matches_transformers_generate(models, family):
                           do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, pad_token_id=0)
         np.testing.assert_array_equal(res.tokens[i], ref[0, len(p):].numpy())
         np.testing.assert_allclose(res.logprobs[i], _hf_logprobs(hf, p, ref[0, len(p):].tolist()), atol=1e-4)
+    if family == "llama":  # the scanned layer stack as is (the accelerator default) gives the same tokens
+        graphdef, _ = nnx.split(model)
+        assert _unstack_layout(type(model), model.config, graphdef) is not None  # CPU runs above were unstacked
+        scanned = generate(model, prompts, GREEDY, jax.random.key(0), unstack_layers=False)
+        np.testing.assert_array_equal(scanned.tokens, res.tokens)
+        np.testing.assert_allclose(scanned.logprobs, res.logprobs, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
