@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m capo_jax.bench {sampler,credit,train}`, each against a peer run side by side."""
+"""Benchmarks: `python -m capo_jax.bench {sampler,credit,train,load}`, each against a peer run side by side."""

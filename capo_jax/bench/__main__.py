@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("sampler", "credit", "train")
+BENCHES = ("sampler", "credit", "train", "load")
 
 
 def main(argv: list[str] | None = None) -> int:
