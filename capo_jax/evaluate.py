@@ -4,7 +4,7 @@
         [--data_dir DIR] [--num_samples 8 --temperature 1.0] [--output results.json]
 
 `--model` is a Hugging Face folder (config.json + safetensors + tokenizer) or a training workdir
-(through `capo_jax.export.load_policy` when that module is installed). Benchmarks come from
+(its orbax checkpoint `--step`, default the latest, through `capo_jax.export.load_policy`). Benchmarks come from
 `--data_dir/<name>.jsonl|json|parquet` when present, else from the hub; `file:<path>` scores any
 local question/answer file (fields from `--question_field` / `--answer_field`). Prints a table
 and writes a JSON file with every setting and metric.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -75,26 +74,21 @@ def score_benchmark(
 
 
 def load_model(path: str, *, step: int | None = None, dtype: str = "float32"):
-    """(model, tokenizer) from a Hugging Face folder, or from a training workdir via `capo_jax.export.load_policy`."""
+    """(model, tokenizer, step) from a Hugging Face folder (step None), or a training workdir's orbax checkpoint."""
     from transformers import AutoTokenizer
 
+    from capo_jax.export import POLICY_HF_DIR, load_policy
+
+    hf_dir = os.path.join(path, POLICY_HF_DIR)
+    if os.path.isfile(os.path.join(hf_dir, "config.json")):  # a workdir (its own config.json is the run's)
+        model, step = load_policy(path, step, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(hf_dir), int(step)
     if os.path.isfile(os.path.join(path, "config.json")):
         from capo_jax.models import from_pretrained
 
-        return from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"--model {path!r} is not a folder: give a Hugging Face folder or a training workdir")
-    try:
-        export = importlib.import_module("capo_jax.export")
-    except ImportError:
-        export = None
-    if export is None or not hasattr(export, "load_policy"):
-        raise ValueError(f"{path} has no config.json and this install has no capo_jax.export.load_policy: "
-                         "export the checkpoint to a Hugging Face folder first (python -m capo_jax.export)")
-    loaded = export.load_policy(path, step=step)
-    if isinstance(loaded, tuple):
-        return loaded[0], loaded[1]
-    return loaded, AutoTokenizer.from_pretrained(getattr(loaded, "tokenizer_dir", path))
+        return from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path), None
+    raise ValueError(f"--model {path!r} holds neither config.json (a Hugging Face folder) nor "
+                     f"{POLICY_HF_DIR}/config.json (a capo_jax training workdir)")
 
 
 def _generate(model, tok, prompts: list[list[int]], params, seed: int, batch_size: int, mesh) -> list[list[str]]:
@@ -173,13 +167,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from capo_jax.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, step=args.step, dtype=args.dtype)
+    model, tok, step = load_model(args.model, step=args.step, dtype=args.dtype)
     mesh = None
     if args.data_parallel != 1:
+        import jax
+
         from capo_jax.parallel import make_mesh
 
-        mesh = make_mesh(data=args.data_parallel)
-    print(f"[evaluate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
+        n = jax.device_count() if args.data_parallel == -1 else args.data_parallel
+        if not 1 <= n <= jax.device_count():
+            raise SystemExit(f"--data_parallel {args.data_parallel}: this host has {jax.device_count()} devices")
+        mesh = make_mesh(data=n, devices=jax.devices()[:n])
+    where = args.model if step is None else f"{args.model} (checkpoint step {step})"
+    print(f"[evaluate] loaded {where} in {time.perf_counter() - t0:.1f}s", flush=True)
     results: dict[str, dict[str, Any]] = {}
     responses: dict[str, Any] = {}
     for spec in [s.strip() for s in args.benchmarks.split(",") if s.strip()]:
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shown = {k: round(v, 4) for k, v in r.items() if k.startswith(("pass@", "avg@"))}
         print(f"[evaluate] {bench.name}: {len(kept)} items {shown} ({r['seconds']:.1f}s)", flush=True)
     print(_table(results))
-    report = {"model": args.model, "settings": vars(args), "results": results}
+    report = {"model": args.model, "step": step, "settings": vars(args), "results": results}
     if responses:
         report["responses"] = responses
     if args.output:

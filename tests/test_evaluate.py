@@ -110,7 +110,7 @@ def test_cli_end_to_end_on_a_fixture_file(tiny_model, tmp_path):
 
     out = tmp_path / "res.json"
     argv = ["--model", tiny_model, "--benchmarks", "file:" + os.path.join(FIXTURES, "arithmetic_eval.jsonl"),
-            "--template", "{question}\n", "--max_new_tokens", "12", "--num_samples", "3", "--batch_size", "4",
+            "--template", "{question}\n", "--max_new_tokens", "12", "--num_samples", "3", "--batch_size", "8",
             "--output", str(out), "--save_responses"]
     report = main(argv)
     on_disk = json.loads(out.read_text())
@@ -123,10 +123,31 @@ def test_cli_end_to_end_on_a_fixture_file(tiny_model, tmp_path):
     rescored = score([row["greedy"] for row in rows], refs)
     assert r["pass@1_greedy"] == pytest.approx(float(rescored.mean()))
     assert all(len(row["samples"]) == 3 for row in rows)
-    again = main(argv[:-1] + ["--output", ""])  # greedy decoding is deterministic
-    assert again["results"]["arithmetic_eval"]["greedy_correct"] == r["greedy_correct"]
+
+
+def test_cli_reads_a_training_workdir_like_its_hf_folder(tiny_model, tmp_path):
+    import optax
+    from flax import nnx
+
+    from capo_jax import checkpoint as ckpt_lib
+    from capo_jax.config import get_default_config
+    from capo_jax.models import from_pretrained
+
+    model = from_pretrained(tiny_model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    work = str(tmp_path / "work")
+    ckpt_lib.save_run_files(work, get_default_config().to_dict(), tiny_model, model.config.to_hf())
+    ck = ckpt_lib.Checkpointer(work, async_save=False)
+    ck.save(5, params, optax.sgd(0.1).init(params), {"step": 5})
+    ck.close()
+    common = ["--benchmarks", "file:" + os.path.join(FIXTURES, "arithmetic_eval.jsonl"), "--template", "{question}\n",
+              "--max_new_tokens", "12", "--batch_size", "8", "--output", "", "--save_responses"]
+    from_work = main(["--model", work] + common)
+    from_hf = main(["--model", tiny_model] + common)
+    assert from_work["step"] == 5 and from_hf["step"] is None
+    assert from_work["responses"] == from_hf["responses"]  # and greedy decoding is deterministic
 
 
 def test_cli_rejects_a_folder_that_is_not_a_model(tmp_path):
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="neither config.json"):
         main(["--model", str(tmp_path), "--benchmarks", "gsm8k", "--data_dir", BENCH_DIR, "--output", ""])
