@@ -18,6 +18,21 @@ from capo_jax.rl.loop import Run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the runs below compile the same programs (same shapes, mesh,
+    options), so each program is compiled once, not once per Run; the subprocess shares it through the env."""
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                                   "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield cache
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     from tiny_hf import make_tiny_checkpoint
@@ -120,15 +135,18 @@ def test_resume_equals_uninterrupted(checkpoints, tmp_path):
     assert [r["train/loss"] for r in la] == [r["train/loss"] for r in lb]
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(checkpoints, tmp_path):
+def test_sigterm_checkpoints_and_exits_cleanly(checkpoints, compilation_cache, tmp_path):
     policy, _ = checkpoints
     workdir = tmp_path / "w"
     args = [sys.executable, "-m", "capo_jax.train", f"--config.workdir={workdir}", f"--config.policy.path={policy}",
             "--config.critic.backend=rule", "--config.total_steps=1000", "--config.checkpoint.every=1000",
             "--config.rollout.prompts_per_step=2", "--config.rollout.group_size=4", "--config.rollout.max_prompt_len=64",
-            "--config.rollout.max_new_tokens=8", "--config.rl.logprob_chunk=8", "--config.rl.micro_batch_size=8",
-            "--config.reward.max_steps=4", "--config.critic.num_critiques=2", "--config.logging.tensorboard=false"]
-    env = dict(os.environ, PYTHONPATH=REPO)
+            "--config.rollout.max_new_tokens=16", "--config.rl.logprob_chunk=8", "--config.rl.micro_batch_size=8",
+            "--config.reward.max_steps=4", "--config.critic.num_critiques=2", "--config.logging.tensorboard=false",
+            "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.optim.learning_rate=1e-3",
+            "--config.optim.weight_decay=0.0", "--config.checkpoint.async_save=false"]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240

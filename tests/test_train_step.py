@@ -98,14 +98,14 @@ def test_grad_accumulation_equals_one_big_batch(agg):
     np.testing.assert_allclose(float(m_big["train/loss"]), float(m_small["train/loss"]), rtol=1e-5, atol=1e-7)
 
 
-def test_step_loss_equals_direct_computation():
-    """With old log-probs recomputed (ratio 1), the step's loss is the NumPy loss on the credit advantages."""
+def test_step_loss_equals_direct_computation_and_nonfinite_skips():
+    """With old log-probs recomputed (ratio 1) the step's loss is the NumPy loss on the credit advantages; then a
+    batch with a NaN outcome leaves parameters and optimizer state untouched, and a clean one updates again."""
     from capo_jax.rewards.credit import compute_credits
 
     batch, rng = _batch(4), jax.random.key(0)
-    tr = _trainer(4, "seq_mean_token_mean")
+    tr = _trainer(4, "seq_mean_token_mean", optimizer=optax.adamw(1e-2))
     model = _model(0)
-    logp, _ = _logprobs(model, batch, 8)
     adv = np.asarray(compute_credits(jnp.asarray(batch["outcome"]), jnp.asarray(batch["votes"]), jnp.asarray(batch["vote_valid"]),
                                      jnp.asarray(batch["token_step"]), jnp.asarray(batch["response_mask"]), group_size=G,
                                      vote="intersection")["advantages"])
@@ -114,21 +114,18 @@ def test_step_loss_equals_direct_computation():
     metrics = tr.step(batch, rng)
     np.testing.assert_allclose(float(metrics["train/loss"]), want, rtol=1e-5, atol=1e-6)
     assert float(metrics["train/ratio"]) == pytest.approx(1.0, abs=1e-6)
-    assert float(metrics["train/clip_frac"]) == 0.0
+    assert float(metrics["train/clip_frac"]) == 0.0 and float(metrics["train/skipped_updates"]) == 0.0
     assert np.isfinite(float(metrics["train/sampler_logp_gap"]))
-    np.testing.assert_allclose(np.asarray(logp), np.asarray(_logprobs(model, batch, 2)[0]), rtol=1e-6, atol=1e-6)
+    logp8, _ = _logprobs(model, batch, 8)
+    np.testing.assert_allclose(np.asarray(logp8), np.asarray(_logprobs(model, batch, 2)[0]), rtol=1e-6, atol=1e-6)
 
-
-def test_nonfinite_loss_skips_the_update():
-    batch = _batch(5)
-    batch["outcome"][0] = np.nan
-    tr = _trainer(4, optimizer=optax.adamw(1e-2))
+    bad = _batch(5)
+    bad["outcome"][0] = np.nan
     before_p, before_o = _np(tr.params), _np(tr.opt_state)
-    metrics = tr.step(batch, jax.random.key(1))
+    metrics = tr.step(bad, jax.random.key(1))
     assert float(metrics["train/skipped_updates"]) == 1.0
     for a, b in zip(jax.tree.leaves(before_p) + jax.tree.leaves(before_o), jax.tree.leaves(_np(tr.params)) + jax.tree.leaves(_np(tr.opt_state))):
         np.testing.assert_array_equal(a, b)
-    # and a clean batch afterwards updates again
     metrics = tr.step(_batch(6), jax.random.key(2))
     assert float(metrics["train/skipped_updates"]) == 0.0
 

@@ -250,6 +250,14 @@ def critic_agreement(votes: np.ndarray, valid: np.ndarray, num_steps: np.ndarray
     return agree / total if total else float("nan")
 
 
+def flagged_step_fraction(votes: np.ndarray, valid: np.ndarray, num_steps: np.ndarray) -> float:
+    """Fraction of (valid critique, real step) pairs that the critique flags as wrong."""
+    steps = np.minimum(num_steps, votes.shape[2])
+    real = np.arange(votes.shape[2])[None, None, :] < steps[:, None, None]
+    pairs = real & valid[:, :, None]
+    return float(votes[pairs].mean()) if pairs.any() else 0.0
+
+
 def assemble_batch(rollout: Rollout, token_step: np.ndarray, outcome: np.ndarray, crit: CritiqueResult) -> dict[str, np.ndarray]:
     """The fixed-shape arrays the jitted step takes."""
     return {
@@ -394,7 +402,7 @@ class Run:
             "critic/parse_failure_rate": float(1.0 - crit.vote_valid.sum() / crit.requested) if crit.requested else 0.0,
             "critic/agreement": critic_agreement(crit.votes, crit.vote_valid, num_steps),
             "critic/failed_calls": float(crit.failed_calls),
-            "critic/flagged_step_frac": float(crit.votes[crit.vote_valid].mean()) if crit.vote_valid.any() else 0.0,
+            "critic/flagged_step_frac": flagged_step_fraction(crit.votes, crit.vote_valid, num_steps),
             "critic/prompt_tokens": float(crit.prompt_tokens),
             "critic/generated_tokens": float(crit.generated_tokens),
             "optim/learning_rate": float(self.schedule(self.step * self.opts.updates_per_step - 1)),
