@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any
+from typing import Callable
 
 import numpy as np
 
@@ -52,8 +52,6 @@ class Run:
     name: str
     times: list[float]
     losses: list[float]
-    peaks: dict[str, float] = dataclasses.field(default_factory=dict)  # matmul GFLOP/s measured just before
-    load: str = ""  # load average just before
 
     def tokens_per_s(self, tokens: int) -> float:
         timed = self.times[1:] or self.times
@@ -145,8 +143,8 @@ def _torch_logp(model, batch: dict[str, np.ndarray], w: Workload):
     return torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
 
 
-def torch_run(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Workload) -> Run:
-    """PyTorch float32 updates: the same PPO-clip token-mean loss, AdamW and global-norm clip."""
+def torch_update(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Workload) -> Callable[[], float]:
+    """A PyTorch float32 update (returns its loss): the same PPO-clip token-mean loss, AdamW, global-norm clip."""
     import torch
     import transformers
 
@@ -157,9 +155,8 @@ def torch_run(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Wor
     old = torch.from_numpy(np.array(batch["sampler_logp"], np.float32))
     a = torch.from_numpy(np.array(adv, np.float32))
     mask = torch.from_numpy(batch["response_mask"]).float()
-    run = Run("pytorch float32", [], [])
-    for _ in range(w.steps):
-        start = time.perf_counter()
+
+    def update() -> float:
         ratio = torch.exp(_torch_logp(model, batch, w) - old)
         pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - CLIP, 1 + CLIP))
         loss = (pg * mask).sum() / mask.sum()
@@ -167,16 +164,17 @@ def torch_run(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Wor
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
         opt.step()
-        run.times.append(time.perf_counter() - start)
-        run.losses.append(loss.item())
-    return run
+        return loss.item()
+
+    return update
 
 
 # ----------------------------------------------------------------------------- capo_jax
 
 
-def jax_run(folder: str, batch: dict[str, np.ndarray], w: Workload, compute_dtype: str) -> Run:
-    """capo_jax updates through the trainer's real jitted step (`capo_jax.rl.train_step.PolicyTrainer`)."""
+def jax_update(folder: str, batch: dict[str, np.ndarray], w: Workload, compute_dtype: str) -> Callable[[], float]:
+    """A capo_jax update (returns its loss) through the trainer's real jitted step
+    (`capo_jax.rl.train_step.PolicyTrainer`: credits, chunked log-probs, PPO-clip, AdamW)."""
     import jax
 
     from capo_jax import parallel
@@ -188,15 +186,29 @@ def jax_run(folder: str, batch: dict[str, np.ndarray], w: Workload, compute_dtyp
                             rules=parallel.policy_rules())
     optimizer, _ = make_optimizer(types.SimpleNamespace(**OPTIM), w.steps)
     trainer = PolicyTrainer(model, step_options(w), optimizer, mesh)
-    run = Run(f"capo_jax {compute_dtype}", [], [])
     key = jax.random.key(0)
-    for _ in range(w.steps):
-        start = time.perf_counter()
+
+    def update() -> float:
         metrics = trainer.step(batch, key)
-        loss = float(jax.block_until_ready(metrics["train/loss"]))
-        run.times.append(time.perf_counter() - start)
-        run.losses.append(loss)
-    return run
+        return float(jax.block_until_ready(metrics["train/loss"]))
+
+    return update
+
+
+def interleaved(updates: dict[str, Callable[[], float]], steps: int,
+                between: Callable[[], None] | None = None) -> list[Run]:
+    """Round-robin the updates (one of each per round) so that the load of a shared machine, which
+    drifts by the minute, weighs on every run alike; `between` runs after each round."""
+    runs = {name: Run(name, [], []) for name in updates}
+    for _ in range(steps):
+        for name, update in updates.items():
+            start = time.perf_counter()
+            loss = update()
+            runs[name].times.append(time.perf_counter() - start)
+            runs[name].losses.append(loss)
+        if between is not None:
+            between()
+    return list(runs.values())
 
 
 # ----------------------------------------------------------------------------- bf16 backward probe
@@ -342,42 +354,43 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     size = 1024 if args.quick else 2048
-
-    def peaks_now() -> dict[str, float]:
-        """Matmul peaks measured right before a run: the load of this shared machine changes by the minute."""
-        return {"float32": measure_matmul(jnp.float32, size=size, reps=3),
-                "bfloat16": measure_matmul(jnp.bfloat16, jnp.float32, size=size, reps=3)}
-
     flops = step_flops(HF_CONFIG, w)
     print(f"model: Qwen2-shaped {HF_CONFIG['hidden_size']}h x {HF_CONFIG['num_hidden_layers']}L, vocab "
           f"{HF_CONFIG['vocab_size']}; batch {w.batch} x ({w.prompt} prompt + {w.response} response) = {w.tokens} "
-          f"tokens; {flops / w.tokens / 1e9:.2f} GFLOP/token per update; {w.steps} updates per run, first untimed")
+          f"tokens; {flops / w.tokens / 1e9:.2f} GFLOP/token per update; {w.steps} rounds, one update of each "
+          f"run per round, round 1 (compilation, warm-up) untimed")
 
-    runs: list[Run] = []
+    peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    loads: list[str] = []
+
+    def measure_round() -> None:
+        """Matmul peaks and load between rounds: this shared machine's load changes by the minute."""
+        peaks["float32"].append(measure_matmul(jnp.float32, size=size, reps=3))
+        peaks["bfloat16"].append(measure_matmul(jnp.bfloat16, jnp.float32, size=size, reps=3))
+        loads.append(_load().split(",")[0])
+        print(f"  round {len(loads)}/{w.steps} done, load {loads[-1]}", flush=True)
+
     with tempfile.TemporaryDirectory() as folder:
         save_weights(folder)
         batch = make_batch(w, HF_CONFIG["vocab_size"])
         batch["sampler_logp"] = torch_old_logp(folder, batch, w)
         adv = advantages(batch, w)
-        jobs = [] if args.no_torch else [lambda: torch_run(folder, batch, adv, w)]
-        jobs += [lambda dtype=dtype: jax_run(folder, batch, w, dtype) for dtype in dtypes]
-        for job in jobs:
-            peaks, load = peaks_now(), _load()
-            run = job()
-            run.peaks, run.load = peaks, load
-            runs.append(run)
-            print(f"  done: {run.name} (load before {load}, after {_load()})", flush=True)
+        updates = {} if args.no_torch else {"pytorch float32": torch_update(folder, batch, adv, w)}
+        for dtype in dtypes:
+            updates[f"capo_jax {dtype}"] = jax_update(folder, batch, w, dtype)
+        runs = interleaved(updates, w.steps, measure_round)
+    peak = {k: float(np.median(v[1:] or v)) for k, v in peaks.items()}
+    print(f"matmul peaks (median over rounds): float32 {peak['float32']:.0f} GFLOP/s, bfloat16->float32 "
+          f"{peak['bfloat16']:.0f} GFLOP/s; load averages after each round: {', '.join(loads)}")
 
     base = next((r for r in runs if r.name.startswith("pytorch")), None)
-    print("\nMFU = achieved model FLOP/s over the matmul peaks measured just before each run (GFLOP/s in brackets)")
-    print(f"{'run':<22}{'tokens/s':>10}{'vs torch':>10}{'s/update':>10}{'first':>8}{'MFU f32 peak':>20}{'MFU bf16 peak':>20}")
+    print(f"\n{'run':<22}{'tokens/s':>10}{'vs torch':>10}{'s/update':>10}{'first':>8}{'MFU f32 peak':>14}{'MFU bf16 peak':>15}")
     for r in runs:
         tps = r.tokens_per_s(w.tokens)
         ratio = f"{tps / base.tokens_per_s(w.tokens):.2f}x" if base else "-"
         achieved = tps * flops / w.tokens / 1e9
-        f32_peak, bf16_peak = r.peaks["float32"], r.peaks["bfloat16"]
         print(f"{r.name:<22}{tps:>10.1f}{ratio:>10}{w.tokens / tps:>10.2f}{r.times[0]:>8.1f}"
-              f"{100 * achieved / f32_peak:>12.1f}% ({f32_peak:>4.0f}){100 * achieved / bf16_peak:>12.1f}% ({bf16_peak:>4.0f})")
+              f"{100 * achieved / peak['float32']:>13.1f}%{100 * achieved / peak['bfloat16']:>14.1f}%")
     print("\nloss per update (PPO-clip token mean on the credit function's advantages, same batch every update):")
     for r in runs:
         print(f"  {r.name:<20} {_curve(r)}")
