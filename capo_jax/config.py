@@ -58,6 +58,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/capo"  # checkpoints, metrics, the stored config and the policy's HF config + tokenizer
     c.stop_after_steps = 0  # stop cleanly (checkpoint saved) after this many steps in this process; 0 = run to total_steps
     c.max_bad_steps = 3  # stop the run after this many consecutive steps whose update was skipped for NaN/inf
+    c.distributed = "auto"  # jax.distributed.initialize(): auto (on multi-host TPU VMs / when JAX_COORDINATOR_ADDRESS is set) | on | off
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face folder of the policy; "" with data.source="arithmetic" bootstraps the demo policy
@@ -324,7 +325,8 @@ def role_devices(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> t
     from capo_jax.critic.genprm import select_devices
 
     devices = list(devices)
-    critic = select_devices(config.critic.devices, devices) if config.critic.backend == "genprm" else None
+    uses_llm_critic = config.critic.backend == "genprm" and config.reward.mode != "grpo"
+    critic = select_devices(config.critic.devices, devices) if uses_llm_critic else None
     if critic is None:
         return devices, None
     policy = [d for d in devices if d not in critic]
@@ -348,6 +350,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of {list(options)}: set --config.{key}=<one of them>")
 
+    choice("distributed", ("auto", "on", "off"))
     choice("reward.mode", REWARD_MODES)
     choice("reward.norm", NORMS)
     choice("reward.answer_format", ("math", "choice"))

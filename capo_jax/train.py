@@ -6,9 +6,22 @@ SIGTERM (a preempted TPU VM) checkpoints and exits cleanly.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from capo_jax.config import ConfigError, parse_args
+
+
+def initialize_distributed(mode: str) -> bool:
+    """Join the multi-host job (before any device is touched): `on`, or `auto` on a multi-host TPU VM
+    (TPU_WORKER_HOSTNAMES lists several hosts) or when JAX_COORDINATOR_ADDRESS is set. Returns whether it did."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if mode == "on" or (mode == "auto" and (len(hosts) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"))):
+        import jax
+
+        jax.distributed.initialize()
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         config, rest = parse_args(argv)
         if rest:
             raise ConfigError(f"unexpected arguments {rest}: use --config FILE, --config.<key>=<value>, --workdir DIR")
+        initialize_distributed(str(config.distributed))
         from capo_jax.rl.loop import Run, StopTraining
 
         run = Run(config)

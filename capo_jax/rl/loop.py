@@ -325,7 +325,8 @@ class Run:
                                                   async_save=bool(config.checkpoint.async_save))
         self.step = 0
         self._resume()
-        ckpt_lib.save_run_files(self.workdir, config.to_dict(), self.policy_path, self.model.config.to_hf())
+        if jax.process_index() == 0:
+            ckpt_lib.save_run_files(self.workdir, config.to_dict(), self.policy_path, self.model.config.to_hf())
 
     # -- helpers
 
@@ -439,8 +440,10 @@ class Run:
         total = int(cfg.total_steps)
         stop_at = total if int(cfg.stop_after_steps) <= 0 else min(total, self.step + int(cfg.stop_after_steps))
         lg = cfg.logging
-        self.writer = MetricsWriter(self.workdir, total_steps=total, initial_step=self.step, tensorboard=bool(lg.tensorboard),
-                                    jsonl=bool(lg.jsonl), progress=bool(lg.progress), stream=self._stream)
+        lead = jax.process_index() == 0  # one host writes the logs
+        self.writer = MetricsWriter(self.workdir, total_steps=total, initial_step=self.step,
+                                    tensorboard=lead and bool(lg.tensorboard), jsonl=lead and bool(lg.jsonl),
+                                    progress=lead and bool(lg.progress), stream=self._stream)
         previous = signal.signal(signal.SIGTERM, self.request_stop) if _main_thread() else None
         bad_in_a_row = 0
         try:
