@@ -20,7 +20,7 @@ WORLD_DEFAULTS: dict = {
     "min_operand": 1,  # smallest operand drawn
     "max_operand": 9,  # largest operand drawn
     "ops": "+-*",  # allowed operators, a subset of "+-*/" ("/" only where it divides exactly)
-    "max_value": 99,  # every intermediate result stays in [0, max_value]
+    "max_value": 50,  # every intermediate result stays in [0, max_value]
     "num_test": 200,  # size of the held-out test split (never drawn for training)
     "seed": 0,  # the world's seed: fixes the test split and the problem streams (the data seed picks a stream)
 }

@@ -37,12 +37,12 @@ MODEL_DEFAULTS: dict = {
 
 # The supervised bootstrap phase (config `demo.sft`).
 SFT_DEFAULTS: dict = {
-    "steps": 400,  # optimizer steps
+    "steps": 800,  # optimizer steps
     "batch_size": 32,  # sequences per step
-    "learning_rate": 3e-3,  # AdamW peak learning rate (warmup then cosine decay)
-    "warmup_steps": 40,  # linear warmup steps
+    "learning_rate": 5e-3,  # AdamW peak learning rate (warmup then cosine decay)
+    "warmup_steps": 50,  # linear warmup steps
     "weight_decay": 0.01,  # AdamW weight decay
-    "noise_prob": 0.15,  # probability that a solution step's result is off (later steps carry the error)
+    "noise_prob": 0.1,  # probability that a solution step's result is off (later steps carry the error)
     "noise_max": 2,  # a noisy result is off by 1..noise_max
     "num_eval": 64,  # held-out test problems for the greedy accuracy printed at the end
     "seed": 0,  # init, data and noise seed
