@@ -14,7 +14,7 @@ def get_config():
     c.data.source = "arithmetic"
     c.rollout.prompts_per_step = 8
     c.rollout.group_size = 8
-    c.rollout.temperature = 1.0
+    c.rollout.temperature = 0.7  # measured here: at 1.0 the weak bootstrap (T=1 accuracy ~6%) drifts to shorter answers
     c.rollout.max_prompt_len = 48  # "Compute ((a op b) op c) op d.\n" is under 40 characters
     c.rollout.max_new_tokens = 96  # a 3-step solution is about 60 characters
     c.critic.backend = "rule"

@@ -65,7 +65,8 @@ def ppo_token_loss(
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(unclipped, clipped)
     loss = pg
-    parts = {"pg_loss": pg, "ratio": ratio, "clipped": (clipped > unclipped).astype(jnp.float32)}
+    parts = {"pg_loss": pg, "ratio": ratio, "clipped": (clipped > unclipped).astype(jnp.float32),
+             "old_kl": kl_estimate(logp, old_logp, "k3")}  # how far this update has moved from the sampling policy
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, kl_estimator)
         loss = loss + kl_coef * kl

@@ -228,7 +228,7 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
             stats_acc = jax.tree.map(jnp.add, stats_acc, stats)
             return (grads_acc, loss_acc + loss, stats_acc), None
 
-        stats0 = {name: jnp.zeros((), jnp.float32) for name in ("pg_loss", "ratio", "clipped", "entropy")}
+        stats0 = {name: jnp.zeros((), jnp.float32) for name in ("pg_loss", "ratio", "clipped", "old_kl", "entropy")}
         if opts.kl_coef > 0:
             stats0["kl"] = jnp.zeros((), jnp.float32)
         (grads, loss, stats), _ = jax.lax.scan(micro_step, (zero_grads, jnp.zeros((), jnp.float32), stats0), micro)
@@ -240,7 +240,7 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         opt_state = _select(ok, new_opt_state, opt_state)
         out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped_updates": 1.0 - ok.astype(jnp.float32),
                "train/pg_loss": stats["pg_loss"], "train/ratio": stats["ratio"], "train/clip_frac": stats["clipped"],
-               "train/entropy": stats["entropy"]}
+               "train/entropy": stats["entropy"], "train/approx_kl_old": stats["old_kl"]}
         if "kl" in stats:
             out["train/kl"] = stats["kl"]
         return (params, opt_state), out
