@@ -383,9 +383,10 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
         batch = 2
     prompt_len = prompt_bucket(max_prompt, params.bucket_multiple)
     pad = params.pad_token_id if params.pad_token_id is not None else config.pad_token_id
+    stop_slots = max(4, batch_bucket(len(_stop_ids(params, config))))
     plan = _Plan(batch=batch, prompt_len=prompt_len, n=int(params.n), max_new=int(params.max_new_tokens),
                  cache_dtype=_cache_dtype(params, config, mesh), greedy=params.greedy, top_k=int(params.top_k),
-                 use_top_p=float(params.top_p) < 1.0, stop_slots=max(4, batch_bucket(len(_stop_ids(params, config)))),
+                 use_top_p=float(params.top_p) < 1.0, stop_slots=stop_slots,
                  pad_id=int(pad if pad is not None else 0), share_prefix=bool(params.share_prefix),
                  row_sharding=None, cache_sharding=None)
     if mesh is None:

@@ -18,7 +18,7 @@ import numpy as np
 class Peaks:
     """Measured peaks: streaming read bandwidth (GB/s) and dense matmul rates (GFLOP/s)."""
 
-    bandwidth_gbs: float  # best of a float32 matrix-vector product and a reduction over a >L3 buffer
+    bandwidth_gbs: float  # best of a float32 matrix-vector product and a sum over a buffer >> L3
     matvec_gbs: float  # float32 matrix-vector product (what batch-1 decode does)
     reduce_gbs: float  # plain sum over the same buffer
     f32_gflops: float  # float32 x float32 -> float32 matmul

@@ -37,9 +37,10 @@ class Row:
     def line(self) -> str:
         torch_tps = "-" if self.torch_tps is None else f"{self.torch_tps:8.1f}"
         ratio = "-" if self.torch_tps is None else f"{self.capo_tps / self.torch_tps:5.2f}x"
-        agree = "" if self.agree is None else f"  greedy rows equal: {self.agree:.0%}"
+        agree = "" if self.agree is None else f"  greedy rows equal {self.agree:.0%}"
         return (f"{self.precision:9s} {self.mode:8s} {self.batch:5d} {self.capo_tps:9.1f} {torch_tps:>9s} "
-                f"{ratio:>7s} {self.compile_s:8.1f}s {self.capo_tps / self.roofline_tps:8.1%} ({self.bound}){agree}")
+                f"{ratio:>7s} {self.compile_s:8.1f}s {self.capo_tps / self.roofline_tps:8.1%} ({self.bound}) "
+                f"load {os.getloadavg()[0]:.1f}{agree}")
 
 
 HEADER = ("precision mode     batch  capo t/s  torch t/s  ratio  compile   roofline")
@@ -71,11 +72,10 @@ def roofline(params: int, bytes_per: int, batch: int, ctx: float, peaks, precisi
     layers, kv, hd = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], SHAPE["hidden_size"] // SHAPE[
         "num_attention_heads"]
     q_dim = SHAPE["num_attention_heads"] * hd
-    embed = SHAPE["vocab_size"] * SHAPE["hidden_size"]
     kv_bytes = batch * ctx * layers * 2 * kv * hd * bytes_per
     bw_tps = peaks.bandwidth_gbs * 1e9 / (params * bytes_per + kv_bytes) * batch
     # matmul FLOPs per token: every weight once (the tied embedding as the vocab projection) + attention
-    flops = 2 * params + 4 * layers * ctx * q_dim - 0 * embed
+    flops = 2 * params + 4 * layers * ctx * q_dim
     peak = peaks.f32_gflops if precision == "float32" else peaks.bf16_gflops
     flop_tps = peak * 1e9 / flops
     return (bw_tps, "bandwidth") if bw_tps < flop_tps else (flop_tps, "matmul")
