@@ -57,6 +57,8 @@ def _split(text: _S, delimiter: _S) -> list[_S]:
         else:
             steps.append(carry + piece)
             carry = empty
+    if not steps and carry.strip(ws):
+        steps.append(carry)  # only delimiters, but not blank (e.g. ". " split on ". "): one step
     return steps
 
 
