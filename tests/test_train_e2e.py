@@ -93,22 +93,21 @@ def test_one_step_genprm_critic_on_its_own_devices(checkpoints, tmp_path):
     assert ckpt_lib.Checkpointer(cfg.workdir).latest_step() == 1
 
 
-def test_three_steps_rule_critic_and_no_recompiles(checkpoints, tmp_path):
+def test_three_steps_genprm_on_the_policy_mesh_and_no_recompiles(checkpoints, tmp_path):
     policy, critic = checkpoints
-    cfg = _config(tmp_path / "w", policy, "", **{"critic.backend": "rule", "critic.misjudge_prob": 0.5})
+    cfg = _config(tmp_path / "w", policy, critic, **{"optim.weight_decay": 0.1})
     run = Run(cfg)
     before = _params(run)
     assert run.train() == 3
     rows = read_jsonl(cfg.workdir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["critic/parse_failure_rate"] == 0.0 for r in rows)  # the rule critic always writes a verdict
-    assert all(r["train/skipped_updates"] == 0.0 for r in rows)
-    # the noisy critic flags steps at random: step penalties give non-zero advantages and a real update
-    assert any(r["reward/frac_tokens_penalized"] > 0 and r["train/grad_norm"] > 0 for r in rows)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_params(run))))
+    assert all(r["critic/prompt_tokens"] > 0 and r["train/skipped_updates"] == 0.0 for r in rows)
+    critic_devs = {d for x in jax.tree.leaves(__import__("flax").nnx.state(run.critic.model)) for d in x.sharding.device_set}
+    assert critic_devs == set(jax.devices())  # the critic shares the policy's 8 devices
     # one compiled update, reused by steps 2 and 3
     (fn,) = run.trainer._jitted.values()
     assert fn._cache_size() == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_params(run))))
     assert os.path.exists(os.path.join(cfg.workdir, "tb")) and os.listdir(os.path.join(cfg.workdir, "tb"))
     stored = json.load(open(os.path.join(cfg.workdir, "config.json")))
     assert stored["rollout"]["group_size"] == 4
@@ -120,7 +119,13 @@ def test_resume_equals_uninterrupted(checkpoints, tmp_path):
     over = {"critic.backend": "rule", "critic.misjudge_prob": 0.3, "total_steps": 4, "checkpoint.every": 1,
             "checkpoint.keep": 2}
     straight = Run(_config(tmp_path / "a", policy, "", **over))
+    initial = _params(straight)
     straight.train()
+    rows = read_jsonl(str(tmp_path / "a"))
+    assert all(r["critic/parse_failure_rate"] == 0.0 for r in rows)  # the rule critic always writes a verdict
+    # the noisy critic flags steps at random: step penalties give non-zero advantages and real updates to resume
+    assert all(r["reward/frac_tokens_penalized"] > 0 and r["train/grad_norm"] > 0 for r in rows)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(_params(straight))))
     first = Run(_config(tmp_path / "b", policy, "", stop_after_steps=2, **over))
     assert first.train() == 2
     again = Run(_config(tmp_path / "b", policy, "", **over))
