@@ -103,7 +103,7 @@ def test_tokenizer_round_trips_every_problem_and_loads_with_autotokenizer(tmp_pa
     assert len(tok) == len(fresh)
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     world = ArithmeticWorld({"ops": "+-*/", "max_ops": 5, "max_value": 999, "max_operand": 30, "num_test": 10}, seed=5)
-    for i in range(100):
+    for i in range(60):
         p = world.problem(i)
         for text in (format_prompt(p.question), p.solution, format_prompt(p.question) + p.solution):
             ids = tok(text)["input_ids"]
