@@ -111,6 +111,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.reward.norm = "group_token"  # group_token | group_seq | center (spec section 7)
     c.reward.eps = 1e-6  # added to the group std
     c.reward.step_delimiter = "\n\n"  # responses are split into steps on this
+    c.reward.unstepped_tokens = "none"  # tokens outside any step (e.g. EOS): none (spec: no process term) | nearest (the nearest step's)
     c.reward.max_steps = 32  # S: steps past this are folded into the last one
     c.reward.answer_format = "math"  # verifier answer format: math (boxed / #### / "the answer is", math-verify) | choice
     c.reward.verify_timeout = 10.0  # seconds per answer before the verifier gives up (the response counts wrong)
@@ -353,6 +354,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     choice("distributed", ("auto", "on", "off"))
     choice("reward.mode", REWARD_MODES)
     choice("reward.norm", NORMS)
+    choice("reward.unstepped_tokens", ("none", "nearest"))
     choice("reward.answer_format", ("math", "choice"))
     choice("critic.vote", VOTES)
     choice("critic.backend", CRITIC_BACKENDS)

@@ -22,6 +22,7 @@ def get_config():
     c.critic.misjudge_prob = 0.1  # a noisy judge, so the vote matters
     c.critic.vote = "intersection"
     c.reward.mode = "capo"
+    c.reward.unstepped_tokens = "nearest"  # EOS shares its last step's penalty (else flagged groups reward stopping short)
     c.rl.micro_batch_size = 32
     c.rl.num_minibatches = 2
     c.rl.logprob_chunk = 32

@@ -162,3 +162,42 @@ def test_split_invariants(text, delim):
     assert all(s.strip(" \t\n\r\x0b\x0c") for s in steps)
     assert all(s.endswith(delim) for s in steps[:-1])  # a step only ends at a delimiter
     assert all(split_steps(s, delim) == [s] for s in steps)  # no step hides a further boundary
+
+
+def _nearest_reference(token_step, mask):
+    """Loop re-derivation of reward.unstepped_tokens='nearest'."""
+    out = [list(r) for r in token_step]
+    for b, row in enumerate(token_step):
+        steps_seen = [s for s, m in zip(row, mask[b]) if m and s >= 0]
+        if not steps_seen:
+            continue
+        last = steps_seen[0]
+        for t, (s, m) in enumerate(zip(row, mask[b])):
+            if not m:
+                continue
+            if s >= 0:
+                last = s
+            else:
+                out[b][t] = last
+    return np.array(out, np.int32)
+
+
+def test_attach_unstepped_tokens_fixed_case():
+    from capo_jax.rewards.steps import attach_unstepped_tokens
+
+    ts = np.array([[-1, 0, 0, 1, 1, -1, -1, -1], [-1, -1, -1, -1, -1, -1, -1, -1]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]], bool)
+    out = attach_unstepped_tokens(ts, mask)
+    np.testing.assert_array_equal(out[0], [0, 0, 0, 1, 1, 1, -1, -1])  # EOS joins the last step; padding stays -1
+    np.testing.assert_array_equal(out[1], ts[1])  # a row with no step is unchanged
+    np.testing.assert_array_equal(ts[0], [-1, 0, 0, 1, 1, -1, -1, -1])  # input not modified
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(-1, 3), st.booleans()), min_size=6, max_size=6), min_size=1, max_size=4))
+def test_attach_unstepped_tokens_matches_reference(rows):
+    from capo_jax.rewards.steps import attach_unstepped_tokens
+
+    ts = np.array([[s for s, _ in r] for r in rows], np.int32)
+    mask = np.array([[m for _, m in r] for r in rows], bool)
+    np.testing.assert_array_equal(attach_unstepped_tokens(ts, mask), _nearest_reference(ts, mask))

@@ -288,3 +288,27 @@ def batch_token_steps(
         steps.append(m.steps)
         folded[b] = m.folded
     return BatchSteps(token_step=out, steps=steps, folded=folded)
+
+
+def attach_unstepped_tokens(token_step: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Give valid tokens outside any step (-1, e.g. EOS) the step of the nearest stepped token before them.
+
+    Leading unstepped tokens take the row's first step; rows with no step are left as they are.
+    This is the `reward.unstepped_tokens="nearest"` option: under the spec's default those tokens
+    carry no process term, so in a group of flagged wrong answers an early EOS would score above
+    every flagged token and the policy learns to stop short.
+    """
+    token_step = np.asarray(token_step)
+    valid = np.asarray(mask).astype(bool)
+    out = token_step.copy()
+    for b in range(out.shape[0]):
+        stepped = np.flatnonzero(valid[b] & (token_step[b] >= 0))
+        if stepped.size == 0:
+            continue
+        positions = np.flatnonzero(valid[b] & (token_step[b] < 0))
+        if positions.size == 0:
+            continue
+        before = np.searchsorted(stepped, positions, side="right") - 1
+        source = stepped[np.maximum(before, 0)]
+        out[b, positions] = token_step[b, source]
+    return out

@@ -161,9 +161,14 @@ def steps_phase(rollout: Rollout, tokenizer: Any, config: ml_collections.ConfigD
     """token_step int32[B, T] and the step texts of every response."""
     from capo_jax.rewards.steps import batch_token_steps
 
-    return batch_token_steps(rollout.response_ids, tokenizer, lengths=rollout.lengths,
-                             delimiter=str(config.reward.step_delimiter), max_steps=int(config.reward.max_steps),
-                             width=rollout.response_ids.shape[1])
+    result = batch_token_steps(rollout.response_ids, tokenizer, lengths=rollout.lengths,
+                               delimiter=str(config.reward.step_delimiter), max_steps=int(config.reward.max_steps),
+                               width=rollout.response_ids.shape[1])
+    if str(config.reward.get("unstepped_tokens", "none")) == "nearest":
+        from capo_jax.rewards.steps import attach_unstepped_tokens
+
+        result = dataclasses.replace(result, token_step=attach_unstepped_tokens(result.token_step, rollout.response_mask))
+    return result
 
 
 @dataclasses.dataclass
