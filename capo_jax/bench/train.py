@@ -37,7 +37,7 @@ class Workload:
     batch: int = 4
     prompt: int = 128
     response: int = 896
-    steps: int = 4
+    steps: int = 3
     chunk: int = 128  # trainer's log-prob chunk (divides `response`)
 
     @property
