@@ -160,6 +160,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.logging.jsonl = True  # one JSON line per logged step in workdir/metrics.jsonl
     c.logging.progress = True  # progress bar on a terminal (plain lines otherwise)
 
+    c.finish = ml_collections.ConfigDict()
+    c.finish.export_hf = False  # at the end of the run, write the policy as a Hugging Face folder in workdir/hf_export
+    c.finish.plot = False  # at the end of the run, plot metrics.jsonl to workdir/curves.png
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # evaluate held-out problems every N steps (0 = never)
     c.eval.num_problems = 64  # held-out problems per evaluation

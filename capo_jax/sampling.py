@@ -182,16 +182,16 @@ def _unstack_layout(model_type: type, config: Any, graphdef: nnx.GraphDef) -> _U
     sgraph, sstate = nnx.split(scanned)
     if sgraph != graphdef:
         return None
-    shapes = {path: v.value.shape for path, v in nnx.to_flat_state(sstate)}
+    shapes = {path: v.get_value().shape for path, v in nnx.to_flat_state(sstate)}
     tgraph, tstate = nnx.split(twin)
     mapping = []
     for path, var in nnx.to_flat_state(tstate):
         if len(path) > 1 and path[0] == "layers" and isinstance(path[1], int):
             src, index = ("layers", *path[2:]), path[1]
-            ok = src in shapes and shapes[src] == (config.num_layers, *var.value.shape)
+            ok = src in shapes and shapes[src] == (config.num_layers, *var.get_value().shape)
         else:
             src, index = path, None
-            ok = shapes.get(src) == var.value.shape
+            ok = shapes.get(src) == var.get_value().shape
         if not ok:
             return None
         mapping.append((path, src, index))

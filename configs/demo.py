@@ -33,4 +33,6 @@ def get_config():
     c.checkpoint.every = 20
     c.eval.every = 20
     c.eval.num_problems = 64
+    c.finish.export_hf = True  # runs/demo/hf_export loads with transformers' AutoModelForCausalLM
+    c.finish.plot = True  # runs/demo/curves.png
     return c

@@ -473,12 +473,32 @@ class Run:
             if self._stop_signal:
                 self._log(f"[train] SIGTERM: checkpointing step {self.step} and exiting")
                 self.save()
+            elif self.step >= total and lead:
+                self.finish()
         finally:
             self.checkpointer.close()
             self.writer.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self.step
+
+
+    def finish(self) -> None:
+        """End-of-run outputs the config asks for: a Hugging Face export of the policy and a PNG of the curves."""
+        cfg = self.config
+        if bool(cfg.finish.export_hf):
+            from capo_jax.models import save_pretrained
+
+            out = os.path.join(self.workdir, "hf_export")
+            save_pretrained(self.model, out, tokenizer_dir=os.path.join(self.workdir, ckpt_lib.POLICY_HF_DIR))
+            self._log(f"[train] policy exported as a Hugging Face folder: {out}")
+        if bool(cfg.finish.plot):
+            try:
+                from capo_jax.demo.plot import plot_run
+
+                self._log(f"[train] curves plotted: {plot_run(self.workdir)}")
+            except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+                self._log(f"[train] could not plot the curves ({exc})")
 
 
 def _main_thread() -> bool:
