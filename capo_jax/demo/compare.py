@@ -8,7 +8,7 @@ matches), links it into every run's workdir `<out>/<mode>_s<seed>` (the trainer 
 `<workdir>/bootstrap`), runs `python -m capo_jax.train --config configs/demo.py` for each
 (mode, seed) as a subprocess, one after the other (a finished run found in its workdir is
 reused; an unfinished one resumes from its checkpoint), and writes `<out>/compare.md`,
-`<out>/compare.json` and `<out>/compare.png`. It also measures the rule critic's step-level
+`<out>/compare.json` and `<out>/compare.png` (and each run's `curves.png`). It also measures the rule critic's step-level
 precision and recall, one critique against the intersection / majority / union vote of M, on
 responses the bootstrapped policy samples for held-out problems. `--extra` must come last: all
 arguments after it go to every training run (and to the bootstrap's settings).
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from capo_jax.demo.plot import plot_comparison, read_metrics, series
+from capo_jax.demo.plot import plot_comparison, plot_run, read_metrics, series
 
 VOTES = ("intersection", "majority", "union")
 RESERVED_KEYS = ("reward.mode", "seed", "workdir", "total_steps")  # set per run by this command
@@ -464,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r.update(summarize_run(read_metrics(r["workdir"]), threshold))
                 except (OSError, ValueError) as exc:
                     r.update(ok=False, status=f"failed: unreadable metrics ({exc})")
+                try:
+                    plot_run(r["workdir"])
+                except Exception as exc:  # noqa: BLE001 - a plot failure is reported, never fatal
+                    print(f"[compare] plotting {r['workdir']} failed: {exc}", file=sys.stderr)
             runs.append(r)
 
     table, summary = build_table(runs, threshold, args.mode_list)
