@@ -133,8 +133,10 @@ def test_table_builder_means_and_threshold_steps(tmp_path):
     assert capo["steps_to_threshold"][0] == pytest.approx(7.5) and capo["reached_threshold"] == 2
     assert (grpo["ok"], grpo["runs"]) == (1, 2) and grpo["failed"] == [{"seed": 1, "status": "failed (exit 1)"}]
     assert grpo["final_eval_accuracy"] == (pytest.approx(0.2), None) and grpo["reached_threshold"] == 0
-    assert "| capo | 2/2 | 0.450 ± 0.071 | 0.150 ± 0.071 | 7.5 ± 3.5 (2/2 reached)" in table
-    assert "| grpo | 1/2 | 0.200 | 0.300 | never |" in table
+    assert capo["mean_eval_accuracy"][0] == pytest.approx((0.3 + 0.425) / 2)
+    assert runs[1]["best_eval_accuracy"] == pytest.approx(0.5)
+    assert "| capo | 2/2 | 0.450 ± 0.071 | 0.150 ± 0.071 | 7.5 ± 3.5 (2/2 reached) | 0.363 ± 0.088 | 0.200 ± 0.000 |" in table
+    assert "| grpo | 1/2 | 0.200 | 0.300 | never | 0.150 | 0.200 |" in table
     assert "| grpo_s1 | failed (exit 1) |" in table
 
     results = {"runs": runs, "bootstrap_eval": {"accuracy": 0.15, "step_error_rate": 0.35}, "threshold": threshold}

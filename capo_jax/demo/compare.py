@@ -159,6 +159,8 @@ def summarize_run(rows: Sequence[Mapping[str, Any]], threshold: float | None, *,
         "final_eval_step": int(es[-1]) if es.size else None,
         "final_wrong_step_frac": float(wrong[-1]) if wrong.size else None,
         "final_train_accuracy": float(train[-last_k:].mean()) if train.size else None,
+        "mean_eval_accuracy": float(acc.mean()) if acc.size else None,
+        "best_eval_accuracy": float(acc.max()) if acc.size else None,
         "steps_to_threshold": reached,
         "eval_steps": es.tolist(), "eval_accuracy": acc.tolist(),
         "eval_wrong_step_frac": [dict(zip(ws.tolist(), wrong.tolist())).get(s) for s in es.tolist()],
@@ -178,29 +180,33 @@ def build_table(runs: Sequence[Mapping[str, Any]], threshold: float | None,
 
     Each run dict holds `mode`, `seed`, `ok` (bool), `status` (text) and, when ok, the fields of
     `summarize_run`. Per mode: mean ± std over its ok seeds of the final held-out accuracy, the final
-    wrong-step fraction, the final train accuracy, and of the first step reaching `threshold` (over
+    wrong-step fraction, the held-out accuracy averaged over the run's evals (less noisy than the last
+    one), the final train accuracy, and of the first step reaching `threshold` (over
     the seeds that reached it, with the count that did).
     """
     modes = list(modes) if modes else sorted({r["mode"] for r in runs})
     summary: dict[str, Any] = {}
     thr = "n/a" if threshold is None else f"{threshold:.3f}"
     lines = [f"| mode | runs ok | final held-out accuracy | final wrong-step fraction | first step with eval acc >= {thr} "
-             "| final train accuracy (last 5 steps) |", "|---|---|---|---|---|---|"]
+             "| mean held-out accuracy over evals | final train accuracy (last 5 steps) |",
+             "|---|---|---|---|---|---|---|"]
     for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
         ok = [r for r in mine if r.get("ok")]
         acc = mean_std([r["final_eval_accuracy"] for r in ok if r.get("final_eval_accuracy") is not None])
         wrong = mean_std([r["final_wrong_step_frac"] for r in ok if r.get("final_wrong_step_frac") is not None])
         train = mean_std([r["final_train_accuracy"] for r in ok if r.get("final_train_accuracy") is not None])
+        avg = mean_std([r["mean_eval_accuracy"] for r in ok if r.get("mean_eval_accuracy") is not None])
         hits = [r["steps_to_threshold"] for r in ok if r.get("steps_to_threshold") is not None]
         reach = mean_std(hits)
         summary[mode] = {"runs": len(mine), "ok": len(ok), "seeds": [r["seed"] for r in ok],
                          "failed": [{"seed": r["seed"], "status": r.get("status")} for r in mine if not r.get("ok")],
                          "final_eval_accuracy": acc, "final_wrong_step_frac": wrong, "final_train_accuracy": train,
+                         "mean_eval_accuracy": avg,
                          "steps_to_threshold": reach, "reached_threshold": len(hits)}
         reach_txt = "never" if not hits else f"{_pm(*reach, digits=1)} ({len(hits)}/{len(ok)} reached)"
         lines.append(f"| {mode} | {len(ok)}/{len(mine)} | {_pm(*acc)} | {_pm(*wrong)} | {reach_txt if ok else 'n/a'} "
-                     f"| {_pm(*train)} |")
+                     f"| {_pm(*avg)} | {_pm(*train)} |")
     lines += ["", "| run | status | last step | final held-out accuracy | final wrong-step fraction | "
               "first step >= threshold | wall s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
