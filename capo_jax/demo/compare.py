@@ -302,7 +302,7 @@ def run_one(config_path: str, mode: str, seed: int, out: str, steps: int, eval_e
     result: dict[str, Any] = {"mode": mode, "seed": seed, "workdir": workdir, "ok": False, "seconds": 0.0}
     if _last_logged_step(workdir) >= steps:
         log(f"[compare] {mode}_s{seed}: already trained to step {steps} in {workdir}: reusing it")
-        return {**result, "ok": True, "status": "reused"}
+        return {**result, "ok": True, "status": "reused", "seconds": None}  # trained by an earlier invocation
     try:
         link_bootstrap(bootstrap, workdir)
     except (OSError, RuntimeError) as exc:
