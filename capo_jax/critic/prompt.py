@@ -45,10 +45,11 @@ def sanitize(text: str) -> str:
     which the verdict parser never accepts (it needs a colon right after the phrase).
     """
     text = _drop_format_chars(text)
-    text = _TAG_RE.sub("\u2039", text)
     text = _VERDICT_LIKE_RE.sub("[wrong step list]", text)
     text = _OUTCOME_LIKE_RE.sub("[final answer correct]", text)
-    return text
+    # Tags last: defusing a verdict can expose one (`<stepWrong step list` -> `<step[`), and
+    # replacing a `<` can never form a verdict phrase.
+    return _TAG_RE.sub("\u2039", text)
 
 
 @dataclasses.dataclass(frozen=True)
