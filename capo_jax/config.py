@@ -63,6 +63,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face folder of the policy; "" with data.source="arithmetic" bootstraps the demo policy
     c.policy.param_dtype = "float32"  # master weights and optimizer state (keep float32)
+    c.policy.remat = True  # recompute each layer's activations in the backward pass (memory ~1/L, about 1/3 more compute)
 
     c.reference = ml_collections.ConfigDict()
     c.reference.path = ""  # frozen reference for the KL term; "" = the policy's initial checkpoint; not loaded when rl.kl_coef == 0
@@ -127,6 +128,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.rl.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean (GRPO) | seq_mean_token_sum_norm (Dr.GRPO)
     c.rl.old_logprob_source = "recompute"  # recompute (forward of the pre-update policy) | sampler
     c.rl.logprob_chunk = 128  # response tokens per log-prob chunk (the [B,T,V] logits are never whole)
+    c.rl.logprob_remat = True  # recompute each chunk's logits in the backward pass (False keeps [B,T,V] for one less head matmul)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6  # peak learning rate (AdamW)

@@ -170,3 +170,17 @@ def test_denominators_are_taken_over_the_minibatch():
     mask = jnp.asarray(_batch(0)["response_mask"])
     d = losses.minibatch_denominators(mask)
     assert float(d["num_tokens"]) == float(mask.sum()) and float(d["num_seqs"]) == B
+
+
+def test_logprob_remat_off_gives_the_same_update():
+    """Keeping each chunk's logits for the backward pass (`rl.logprob_remat=False`) changes memory, not the update."""
+    batch, rng = _batch(7), jax.random.key(5)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    on, off = _trainer(4, mesh=mesh), _trainer(4, mesh=mesh, logprob_remat=False)
+    start = _np(on.params)
+    m_on, m_off = on.step(batch, rng), off.step(batch, rng)
+    np.testing.assert_allclose(float(m_on["train/loss"]), float(m_off["train/loss"]), rtol=1e-6, atol=1e-7)
+    moved = [np.abs(a - s).max() for a, s in zip(jax.tree.leaves(_np(on.params)), jax.tree.leaves(start))]
+    assert max(moved) > 1e-4
+    for a, b in zip(jax.tree.leaves(_np(on.params)), jax.tree.leaves(_np(off.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

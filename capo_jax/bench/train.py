@@ -6,6 +6,7 @@ capo_jax, and times one update (forward, backward, AdamW) on 4 x 1024 tokens in:
 capo_jax float32 and capo_jax bfloat16 compute (float32 master weights and optimizer state). It
 prints tokens/s, ratios, model FLOPs utilisation against matmul peaks measured in the same run, the
 loss curves of the three runs, and the share of wall time per phase of full CAPO steps of the demo.
+PyTorch runs in its own process (`capo_jax.bench.peer`), alternating update by update with capo_jax.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ import types
 from typing import Callable
 
 import numpy as np
+
+from capo_jax.bench.peer import Peer
+
+_HERE = "capo_jax.bench.train"  # the peer process imports this module by name
 
 # The model under test: Qwen2-shaped, ~98M parameters with the tied embedding.
 HF_CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2,
@@ -103,10 +108,11 @@ def make_batch(w: Workload, vocab: int, seed: int = 0, num_critiques: int = 4, m
 
 
 def step_options(w: Workload):
-    """The trainer's static step options for the benchmark: one mini-batch, one micro-batch, sampler log-probs."""
+    """The trainer's static step options for the benchmark: one mini-batch, one micro-batch, sampler log-probs,
+    logits kept for the backward pass (`rl.logprob_remat=False`, as PyTorch keeps them; 0.5 GB here)."""
     from capo_jax.rl.train_step import StepOptions
 
-    return StepOptions(group_size=w.batch, micro_batch_size=w.batch, logprob_chunk=w.chunk,
+    return StepOptions(group_size=w.batch, micro_batch_size=w.batch, logprob_chunk=w.chunk, logprob_remat=False,
                        old_logprob_source="sampler", reward_mode="capo", vote="majority")
 
 
@@ -123,8 +129,8 @@ def advantages(batch: dict[str, np.ndarray], w: Workload) -> np.ndarray:
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def torch_old_logp(folder: str, batch: dict[str, np.ndarray], w: Workload) -> np.ndarray:
-    """Log-probs of the response tokens under the initial weights (the 'sampler' log-probs)."""
+def torch_old_logp(state: dict, folder: str, batch: dict[str, np.ndarray], w: Workload) -> np.ndarray:
+    """Log-probs of the response tokens under the initial weights (the 'sampler' log-probs). Runs in the peer."""
     import torch
     import transformers
 
@@ -143,8 +149,9 @@ def _torch_logp(model, batch: dict[str, np.ndarray], w: Workload):
     return torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
 
 
-def torch_update(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Workload) -> Callable[[], float]:
-    """A PyTorch float32 update (returns its loss): the same PPO-clip token-mean loss, AdamW, global-norm clip."""
+def torch_setup(state: dict, folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: Workload) -> None:
+    """Build the PyTorch float32 update in the peer process (`torch_step` runs it): the same PPO-clip
+    token-mean loss, AdamW, global-norm clip."""
     import torch
     import transformers
 
@@ -166,7 +173,12 @@ def torch_update(folder: str, batch: dict[str, np.ndarray], adv: np.ndarray, w: 
         opt.step()
         return loss.item()
 
-    return update
+    state["update"] = update
+
+
+def torch_step(state: dict) -> float:
+    """One PyTorch update in the peer process; returns its loss."""
+    return state["update"]()
 
 
 # ----------------------------------------------------------------------------- capo_jax
@@ -211,51 +223,25 @@ def interleaved(updates: dict[str, Callable[[], float]], steps: int,
     return list(runs.values())
 
 
-# ----------------------------------------------------------------------------- bf16 backward probe
-
-
-def _bf16_dot_custom_vjp():
-    """A bf16 matmul whose backward also feeds bfloat16 operands to float32-accumulating dots."""
-    import jax
-    import jax.numpy as jnp
-
-    bf16, f32 = jnp.bfloat16, jnp.float32
-
-    @jax.custom_vjp
-    def dot(x, w):
-        return jnp.einsum("te,me->tm", x.astype(bf16), w.astype(bf16), preferred_element_type=f32).astype(bf16)
-
-    def fwd(x, w):
-        return dot(x, w), (x.astype(bf16), w.astype(bf16))
-
-    def bwd(res, g):
-        x, w = res
-        g = g.astype(bf16)
-        return (jnp.einsum("tm,me->te", g, w, preferred_element_type=f32).astype(x.dtype),
-                jnp.einsum("te,tm->me", x, g, preferred_element_type=f32))
-
-    dot.defvjp(fwd, bwd)
-    return dot
+# ----------------------------------------------------------------------------- matmul probe
 
 
 def matmul_grad_probe(tokens: int = 4096, reps: int = 5) -> list[tuple[str, float]]:
     """GFLOP/s of forward + backward of one MLP-sized matmul [tokens, 768] x [2048, 768]^T (the model's
-    [out, in] kernel layout) three ways:
-    float32; bf16 through the model's own `_dot` (whose backward dots see a float32 cotangent);
-    bf16 with a custom VJP that keeps the backward operands in bfloat16."""
+    [out, in] kernel layout) through the model's own einsum, in float32 and in bf16 (whose backward dots
+    also take bfloat16 operands): how close single matmuls come to the measured peaks."""
     import jax
     import jax.numpy as jnp
 
     from capo_jax.bench.peaks import best_time
-    from capo_jax.models.transformer import _dot
+    from capo_jax.models.einsum import einsum
 
     h, m = HF_CONFIG["hidden_size"], HF_CONFIG["intermediate_size"]
     x = jax.random.normal(jax.random.key(0), (tokens, h), jnp.float32)
     w = 0.03 * jax.random.normal(jax.random.key(1), (m, h), jnp.float32)
     variants = [
-        ("float32", lambda x, w: _dot("te,me->tm", x, w, jnp.float32), x),
-        ("bf16, model's _dot", lambda x, w: _dot("te,me->tm", x, w, jnp.bfloat16), x.astype(jnp.bfloat16)),
-        ("bf16, bf16 cotangents", _bf16_dot_custom_vjp(), x.astype(jnp.bfloat16)),
+        ("float32", lambda x, w: einsum("te,me->tm", x, w, jnp.float32), x),
+        ("bf16 (bf16 backward)", lambda x, w: einsum("te,me->tm", x, w, jnp.bfloat16), x.astype(jnp.bfloat16)),
     ]
     out = []
     for name, fn, xin in variants:
@@ -338,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch run")
     parser.add_argument("--no-phases", action="store_true", help="skip the CAPO step phase breakdown")
     parser.add_argument("--phase-steps", type=int, default=None, help="demo steps for the phase breakdown")
-    parser.add_argument("--no-probe", action="store_true", help="skip the bf16 matmul backward probe")
+    parser.add_argument("--no-probe", action="store_true", help="skip the matmul forward + backward probe")
     args = parser.parse_args(argv)
 
     import jax
@@ -370,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(_load().split(",")[0])
         print(f"  round {len(loads)}/{w.steps} done, load {loads[-1]}", flush=True)
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, Peer() as peer:
         save_weights(folder)
         batch = make_batch(w, HF_CONFIG["vocab_size"])
-        batch["sampler_logp"] = torch_old_logp(folder, batch, w)
+        batch["sampler_logp"] = peer.call(f"{_HERE}:torch_old_logp", folder, batch, w)
         adv = advantages(batch, w)
-        updates = {} if args.no_torch else {"pytorch float32": torch_update(folder, batch, adv, w)}
+        updates = {}
+        if not args.no_torch:
+            peer.call(f"{_HERE}:torch_setup", folder, batch, adv, w)
+            updates["pytorch float32"] = lambda: peer.call(f"{_HERE}:torch_step")
         for dtype in dtypes:
             updates[f"capo_jax {dtype}"] = jax_update(folder, batch, w, dtype)
         runs = interleaved(updates, w.steps, measure_round)
@@ -403,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  max |bf16 - f32| {drift:.2e} (f32 curve moves {moved:.2e}{ref})")
 
     if not args.no_probe:
-        print("\nmatmul forward + backward probe, [4096, 768] x [2048, 768]^T (where bf16 time goes):")
+        print("\nmatmul forward + backward probe, [4096, 768] x [2048, 768]^T, through the model's einsum:")
         for name, gflops in matmul_grad_probe(reps=3 if args.quick else 5):
             print(f"  {name:<24}{gflops:>8.0f} GFLOP/s")
 

@@ -16,11 +16,12 @@ import numpy as np
 from flax import nnx
 
 from capo_jax import parallel
+from capo_jax.models.attention import attend, causal_attend
 from capo_jax.models.cache import KVCache
 from capo_jax.models.config import ModelConfig
+from capo_jax.models.einsum import einsum
 
 F32 = jnp.float32
-_NEG = float(np.finfo(np.float32).min)
 _ACT = ("batch", "length", None)  # activations [B, T, E]: batch sharded, embed replicated
 
 
@@ -43,8 +44,9 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...]
 
 
 def _dot(eq: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """einsum in the compute dtype with float32 accumulation (fast bf16 path on CPU/TPU), cast back to `dtype`."""
-    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=F32).astype(dtype)
+    """einsum in the compute dtype with float32 accumulation (fast bf16 path on CPU/TPU, also in the
+    backward pass), cast back to `dtype`."""
+    return einsum(eq, x, w, dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -127,7 +129,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
                  layer: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x[B,T,E] -> [B,T,E]. `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
+        """x[B,T,E] -> [B,T,E]. Without `kv`, `allowed` is the key padding mask bool[B,T] of causal self-attention;
+        with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
         (the whole cache `[layers,B,S,KV,D]`), the new keys/values are written at `layer`, slots `index..`."""
         cfg, dt = self.cfg, x.dtype
         q = _dot("bte,hde->bthd", x, self.q[...], dt)
@@ -148,24 +151,11 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             kv = (k_all, v_all)
-        out = attend(q, k, v, allowed)
+        out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed)
         out = _dot("bthd,ehd->bte", out, self.o[...], dt)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, kv
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Softmax attention q[B,T,H,D] over k,v[B,S,KV,D] (H a multiple of KV) where allowed[B,T,S]; float32 softmax.
-    A query with no allowed key (a left-pad slot) gets a uniform average instead of NaN."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * (d ** -0.5)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=F32).astype(q.dtype)
-    return out.reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -179,8 +169,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        g = jnp.einsum("bte,me->btm", x, self.gate[...].astype(dt), preferred_element_type=F32)
-        u = jnp.einsum("bte,me->btm", x, self.up[...].astype(dt), preferred_element_type=F32)
+        g = einsum("bte,me->btm", x, self.gate[...], dt, F32)
+        u = einsum("bte,me->btm", x, self.up[...], dt, F32)
         return _dot("btm,em->bte", (jax.nn.silu(g) * u).astype(dt), self.down[...], dt)
 
 
@@ -241,7 +231,7 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
 
         if cache is None:
-            allowed = am[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+            allowed = am  # key padding mask; causal_attend adds the causal part block by block
             kv, index, new_mask = None, None, None
         else:
             _check_room(cache, t)
@@ -263,7 +253,7 @@ class Transformer(nnx.Module):
         """float32 logits [..., V] from final hidden states [..., E]."""
         dt = self.config.compute_dtype
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        out = jnp.einsum("...e,ve->...v", hidden.astype(dt), head[...].astype(dt), preferred_element_type=F32)
+        out = einsum("...e,ve->...v", hidden, head[...], dt, F32)
         return parallel.constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
     # -- internals

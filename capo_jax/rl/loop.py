@@ -304,7 +304,7 @@ class Run:
 
         compute = config.optim.compute_dtype
         self.model = from_pretrained(self.policy_path, dtype=compute, param_dtype=config.policy.param_dtype,
-                                     mesh=self.mesh, rules=RULES[m.policy_rules](), remat=True)
+                                     mesh=self.mesh, rules=RULES[m.policy_rules](), remat=bool(config.policy.remat))
         reference = None
         if float(config.rl.kl_coef) > 0:
             ref_path = config.reference.path or self.policy_path

@@ -53,6 +53,7 @@ class StepOptions:
     loss_agg: str = "token_mean"
     old_logprob_source: str = "recompute"
     logprob_chunk: int = 128
+    logprob_remat: bool = True
     reward_mode: str = "capo"
     vote: str = "intersection"
     w_whole: float = 2.0
@@ -68,7 +69,7 @@ class StepOptions:
             group_size=int(config.rollout.group_size), ppo_epochs=int(rl.ppo_epochs), num_minibatches=int(rl.num_minibatches),
             micro_batch_size=int(rl.micro_batch_size), clip_low=float(rl.clip_low), clip_high=float(rl.clip_high),
             kl_coef=float(rl.kl_coef), kl_estimator=str(rl.kl_estimator), loss_agg=str(rl.loss_agg),
-            old_logprob_source=str(rl.old_logprob_source), logprob_chunk=int(rl.logprob_chunk),
+            old_logprob_source=str(rl.old_logprob_source), logprob_chunk=int(rl.logprob_chunk), logprob_remat=bool(rl.logprob_remat),
             reward_mode=str(rw.mode), vote=str(config.critic.vote), w_whole=float(rw.w_whole),
             w_process=float(rw.w_process), norm=str(rw.norm), eps=float(rw.eps),
         )
@@ -111,11 +112,13 @@ def response_logprobs(
     response_ids: jax.Array,
     response_mask: jax.Array,
     chunk: int,
+    remat: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """log pi(response token | prefix) and the policy's entropy at each response position, float32[B, T].
 
     One forward pass to the final hidden states, then logits and log-softmax per chunk of `chunk`
-    positions under `lax.map` with remat: only a [B, chunk, V] block of logits is ever live.
+    positions under `lax.map`. With `remat` each chunk's logits are recomputed in the backward pass, so only a
+    [B, chunk, V] block is ever live; without it the backward keeps every chunk's (one head matmul fewer).
     """
     b, p = prompt_ids.shape
     t = response_ids.shape[1]
@@ -131,7 +134,6 @@ def response_logprobs(
     h = h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)
     y = response_ids.reshape(b, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one(args):
         h_c, y_c = args
         logits = model.logits(h_c).astype(jnp.float32)
@@ -141,7 +143,7 @@ def response_logprobs(
         entropy = lse - jnp.sum(probs * logits, axis=-1)
         return picked - lse, entropy
 
-    logp, entropy = jax.lax.map(one, (h, y))
+    logp, entropy = jax.lax.map(jax.checkpoint(one) if remat else one, (h, y))
     return logp.swapaxes(0, 1).reshape(b, t), entropy.swapaxes(0, 1).reshape(b, t)
 
 
@@ -203,7 +205,7 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
     def loss_fn(params, mb, denoms):
         model = merge(graphdef, param_template, params)
         logp, entropy = response_logprobs(model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"],
-                                          opts.logprob_chunk)
+                                          opts.logprob_chunk, opts.logprob_remat)
         mask = mb["response_mask"].astype(jnp.float32)
         loss, stats = losses.policy_loss(
             logp, mb["old_logp"], mb["advantages"], mask, denoms, agg=opts.loss_agg, clip_low=opts.clip_low,
