@@ -6,6 +6,7 @@ MLP 2048, vocab 32768, tied embeddings), saves it as a Hugging Face folder, and 
 after `--prompt` prompt tokens on both sides. It also measures this machine's read bandwidth and matmul peaks
 and prints, per row, generated tokens/s, the ratio, capo_jax's compile time (not in the throughput) and the
 fraction of the roofline: min(bandwidth / bytes read per decode step x batch, matmul peak / FLOPs per token).
+transformers runs in its own process (`capo_jax.bench.peer`), row by row alternating with capo_jax.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pathlib
 import tempfile
 import time
 
+_HERE = "capo_jax.bench.sampler"  # the peer process imports this module by name
 SHAPE = dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
 COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -107,10 +109,29 @@ def time_capo(model, prompts, params, reps: int) -> tuple[float, float, "object"
     return best, sum(spent), result
 
 
-def time_torch(model, prompts, new: int, sampled: bool, reps: int) -> tuple[float, "object"]:
-    """(best seconds per transformers generate call with KV cache, exactly `new` tokens, the last output)."""
+def torch_load(state: dict, folder: str, precision: str) -> None:
+    """Load the transformers model in the peer process (PyTorch runs apart from XLA: `capo_jax.bench.peer`)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    state.pop("model", None)
+    state["model"] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, precision)).eval()
+
+
+def torch_info(state: dict) -> str:
     import torch
 
+    torch.set_num_threads(os.cpu_count() or 1)
+    return f"torch {torch.__version__} threads {torch.get_num_threads()} (own process)"
+
+
+def time_torch(state: dict, prompts, new: int, sampled: bool, reps: int) -> tuple[float, "object"]:
+    """(best seconds per transformers generate call with KV cache, exactly `new` tokens, the last output's new
+    tokens as a NumPy array). Runs in the peer process on the model `torch_load` put there."""
+    import torch
+
+    model = state["model"]
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, do_sample=sampled, max_new_tokens=new, min_new_tokens=new, use_cache=True,
@@ -124,7 +145,7 @@ def time_torch(model, prompts, new: int, sampled: bool, reps: int) -> tuple[floa
             start = time.perf_counter()
             out = model.generate(ids, **kw)
             best = min(best, time.perf_counter() - start)
-    return best, out
+    return best, out[:, len(prompts[0]):].numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,14 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from capo_jax.models.hf_io import from_pretrained
     from capo_jax.sampling import SamplingParams
 
-    torch = None
-    if not args.no_torch:
-        import torch
-        import transformers
+    from capo_jax.bench.peer import Peer
 
-        torch.set_num_threads(os.cpu_count() or 1)
+    peer = None if args.no_torch else Peer()
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-          f"torch {torch.__version__ if torch else '-'} threads {torch.get_num_threads() if torch else '-'}, "
+          f"{peer.call(_HERE + ':torch_info') if peer else 'no torch'}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {_load()}")
     peaks = measure_peaks(quick=args.quick)
     for line in peaks.rows():
@@ -193,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         model = from_pretrained(folder, dtype=precision)
         n_params = count_params(model)
         bytes_per = 4 if precision == "float32" else 2
-        hf = None
-        if torch is not None:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, precision)).eval()
+        if peer is not None:
+            peer.call(_HERE + ":torch_load", str(folder), precision)
         for mode in modes:
             params = SamplingParams(temperature=0.0 if mode == "greedy" else 1.0, max_new_tokens=args.new,
                                     ignore_eos=True)
@@ -203,19 +220,20 @@ def main(argv: list[str] | None = None) -> int:
                 prompts = rng.integers(3, SHAPE["vocab_size"], size=(batch, args.prompt)).tolist()
                 seconds, compile_s, result = time_capo(model, prompts, params, args.reps)
                 torch_tps, agree = None, None
-                if hf is not None:
-                    t_seconds, out = time_torch(hf, prompts, args.new, mode == "sampled", args.reps)
+                if peer is not None:
+                    t_seconds, ref = peer.call(_HERE + ":time_torch", prompts, args.new, mode == "sampled", args.reps)
                     torch_tps = batch * args.new / t_seconds
                     if mode == "greedy" and precision == "float32":
-                        ref = out[:, args.prompt:].numpy()
                         agree = float(np.mean(np.all(ref == result.tokens, axis=1)))
                 bound_tps, bound = roofline(n_params, bytes_per, batch, ctx, peaks, precision)
                 row = Row(precision, mode, batch, batch * args.new / seconds, torch_tps, compile_s, bound_tps, bound,
                           agree)
                 rows.append(row)
                 print(row.line(), flush=True)
-        del model, hf
+        del model
     print(f"params {n_params / 1e6:.1f}M; {_load()}")
+    if peer is not None:
+        peer.close()
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -49,6 +49,14 @@ def _dot(eq: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return einsum(eq, x, w, dtype)
 
 
+def _head_proj(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x[B,T,E] through a per-head kernel w[heads, D, E] -> [B,T,heads,D], as one 2D matmul over the flattened
+    [heads*D, E] kernel: with the 3D einsum XLA:CPU transposed the kernel on every call (per decode step)."""
+    heads, d, e = w.shape
+    out = _dot("bte,fe->btf", x, w.reshape(heads * d, e), dtype)
+    return out.reshape(*out.shape[:-1], heads, d)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm computed in float32 (as transformers does), scaled by a learned weight."""
 
@@ -133,9 +141,7 @@ class Attention(nnx.Module):
         with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
         (the whole cache `[layers,B,S,KV,D]`), the new keys/values are written at `layer`, slots `index..`."""
         cfg, dt = self.cfg, x.dtype
-        q = _dot("bte,hde->bthd", x, self.q[...], dt)
-        k = _dot("bte,hde->bthd", x, self.k[...], dt)
-        v = _dot("bte,hde->bthd", x, self.v[...], dt)
+        q, k, v = (_head_proj(x, w[...], dt) for w in (self.q, self.k, self.v))
         if cfg.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -152,7 +158,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             kv = (k_all, v_all)
         out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed)
-        out = _dot("bthd,ehd->bte", out, self.o[...], dt)
+        b, t, h, d = out.shape
+        out = _dot("btf,ef->bte", out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, kv
