@@ -25,8 +25,9 @@ __all__ = [
     "sanitize",
 ]
 
-# A tag opener for one of our tag names, in ASCII or look-alike angle brackets.
-_TAG_RE = re.compile(r"[<\uff1c\ufe64\u2329\u3008](?=\s*/?\s*(?:step|solution)\b)", re.IGNORECASE)
+# A tag opener for anything that starts like one of our tag names (`<step 2>`, `<step_2>`, `<stepx`),
+# in ASCII or look-alike angle brackets: no word boundary, so no prefix of a tag name gets through.
+_TAG_RE = re.compile(r"[<\uff1c\ufe64\u2329\u3008](?=\s*/?\s*(?:step|solution))", re.IGNORECASE)
 _VERDICT_LIKE_RE = re.compile(r"wrong[\W_]*steps?[\W_]*list", re.IGNORECASE)
 _OUTCOME_LIKE_RE = re.compile(r"final[\W_]*answer[\W_]*(?:is[\W_]*)?correct", re.IGNORECASE)
 # Both patterns above match a superset of the parser's phrases (VERDICT_PHRASE_RE, OUTCOME_PHRASE_RE):
