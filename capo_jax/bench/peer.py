@@ -1,8 +1,7 @@
 """Run the PyTorch side of a benchmark in its own process.
 
-In one process, PyTorch's OpenMP pool and allocator and XLA's thread pool slow each other down:
-capo_jax's 4 x 1024 update took 20.4 s alone and 27.2 s interleaved in-process with PyTorch (same
-machine, same minute). A `Peer` keeps the two apart while the benchmark still alternates them.
+A `Peer` keeps PyTorch's OpenMP pool, allocator and imports out of the process that times capo_jax
+(and the other way round), while the benchmark still runs both in one command on the same weights.
 Calls are `peer.call("module:function", *args)`; the function gets a per-process `state` dict first,
 so objects such as a loaded model live in the child between calls.
 """
