@@ -351,11 +351,15 @@ def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
     return tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
 
 
+def _on_cpu(mesh: Mesh | None) -> bool:
+    """Whether generation runs on CPU devices (the mesh's, else jax's default)."""
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+
+
 def _cache_dtype(params: SamplingParams, config: Any, mesh: Mesh | None) -> str:
     if params.kv_cache_dtype is not None:
         return params.kv_cache_dtype
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    return canonical_dtype(config.dtype) if device.platform == "cpu" else "bfloat16"
+    return canonical_dtype(config.dtype) if _on_cpu(mesh) else "bfloat16"
 
 
 def _eos_ids(config: Any) -> tuple[int, ...]:
@@ -376,8 +380,7 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
     axes = _batch_axes(mesh)
     dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
     batch = batch_bucket(num_prompts, dp)
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    if batch * params.n == 1 and platform == "cpu" and canonical_dtype(config.dtype) != "float32":
+    if batch * params.n == 1 and _on_cpu(mesh) and canonical_dtype(config.dtype) != "float32":
         # XLA:CPU lowers a 1-row bfloat16 dot to a slow naive loop (0.3 GB/s on the tied vocab projection here);
         # a second (discarded, already-stopped) row puts every dot on the fast GEMM path.
         batch = 2
@@ -444,7 +447,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
         ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
     graphdef, state = nnx.split(model)
     if unstack_layers is None:
-        unstack_layers = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+        unstack_layers = _on_cpu(mesh)
     if unstack_layers:
         plan = dataclasses.replace(plan, unstack=_unstack_layout(type(model), config, graphdef))
     rng = _as_key(rng)

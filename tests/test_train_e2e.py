@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from capo_jax import checkpoint as ckpt_lib
 from capo_jax.config import get_default_config
@@ -88,7 +89,7 @@ def test_one_step_genprm_critic_on_its_own_devices(checkpoints, tmp_path):
         assert key in row and row[key] is not None, key
     devices = jax.devices()
     policy_devs = {d for x in jax.tree.leaves(run.trainer.params) for d in x.sharding.device_set}
-    critic_devs = {d for x in jax.tree.leaves(__import__("flax").nnx.state(run.critic.model)) for d in x.sharding.device_set}
+    critic_devs = {d for x in jax.tree.leaves(nnx.state(run.critic.model)) for d in x.sharding.device_set}
     assert policy_devs == set(devices[:4]) and critic_devs == set(devices[4:])
     assert ckpt_lib.Checkpointer(cfg.workdir).latest_step() == 1
 
@@ -102,7 +103,7 @@ def test_three_steps_genprm_on_the_policy_mesh_and_no_recompiles(checkpoints, tm
     rows = read_jsonl(cfg.workdir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["critic/prompt_tokens"] > 0 and r["train/skipped_updates"] == 0.0 for r in rows)
-    critic_devs = {d for x in jax.tree.leaves(__import__("flax").nnx.state(run.critic.model)) for d in x.sharding.device_set}
+    critic_devs = {d for x in jax.tree.leaves(nnx.state(run.critic.model)) for d in x.sharding.device_set}
     assert critic_devs == set(jax.devices())  # the critic shares the policy's 8 devices
     # one compiled update, reused by steps 2 and 3
     (fn,) = run.trainer._jitted.values()

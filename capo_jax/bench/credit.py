@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from capo_jax.bench.peaks import load_average
+
     tokens = a.batch * a.seq
     print(f"credit benchmark on {jax.devices()[0].platform} x{len(jax.devices())}, "
-          f"{os.cpu_count()} CPUs, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{os.cpu_count()} CPUs, load {load_average()}")
     print(f"batch B={a.batch}, critiques M={a.m}, steps S={a.steps}, tokens T={a.seq} "
           f"({tokens:,} token slots), group size {a.group_size}")
 

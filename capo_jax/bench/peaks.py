@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -32,6 +33,15 @@ class Peaks:
             f"matmul bf16->f32 {self.bf16_gflops:8.1f} GFLOP/s",
             f"matmul bf16      {self.bf16_plain_gflops:8.1f} GFLOP/s",
         ]
+
+
+def load_average() -> str:
+    """This machine's 1, 5 and 15-minute load averages as "1.23 1.45 1.67" ("unknown" where the OS keeps none),
+    printed beside every timing: other work on a shared machine skews them."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def best_time(fn: Callable, *args, reps: int = 5) -> float:

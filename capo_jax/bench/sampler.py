@@ -48,13 +48,6 @@ class Row:
 HEADER = ("precision mode     batch  capo t/s  torch t/s  ratio  compile   roofline")
 
 
-def _load() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
-
-
 def build_checkpoint(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Save a random Qwen2-shaped model of about 100M parameters (float32) as a Hugging Face folder."""
     import torch
@@ -179,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from capo_jax.bench.peaks import measure_peaks
+    from capo_jax.bench.peaks import load_average, measure_peaks
     from capo_jax.models import count_params
     from capo_jax.models.hf_io import from_pretrained
     from capo_jax.sampling import SamplingParams
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     peer = None if args.no_torch else Peer()
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), "
           f"{peer.call(_HERE + ':torch_info') if peer else 'no torch'}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {_load()}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {load_average()}")
     peaks = measure_peaks(quick=args.quick)
     for line in peaks.rows():
         print("  " + line)
@@ -231,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(row.line(), flush=True)
         del model
-    print(f"params {n_params / 1e6:.1f}M; {_load()}")
+    print(f"params {n_params / 1e6:.1f}M; load average {load_average()}")
     if peer is not None:
         peer.close()
     if tmp is not None:

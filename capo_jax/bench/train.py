@@ -213,28 +213,18 @@ def time_runs(updates: dict[str, Callable[[], float]], steps: int, order: str = 
     `interleaved`: round-robin, one update of each per round, so a drifting load weighs on all alike (but each
     update then starts from the other runs' memory state: 23.2 s vs 20.4 s per capo_jax float32 update here).
     `between` runs after each block or round."""
-    runs = {name: Run(name, [], []) for name in updates}
-
-    def one(name: str) -> None:
-        start = time.perf_counter()
-        loss = updates[name]()
-        runs[name].times.append(time.perf_counter() - start)
-        runs[name].losses.append(loss)
-
-    if order == "blocks":
-        for name in updates:
-            for _ in range(steps):
-                one(name)
-            if between is not None:
-                between()
-    elif order == "interleaved":
-        for _ in range(steps):
-            for name in updates:
-                one(name)
-            if between is not None:
-                between()
-    else:
+    if order not in ("blocks", "interleaved"):
         raise ValueError(f"order={order!r}: use blocks or interleaved")
+    runs = {name: Run(name, [], []) for name in updates}
+    groups = [[name] * steps for name in updates] if order == "blocks" else [list(updates)] * steps
+    for group in groups:
+        for name in group:
+            start = time.perf_counter()
+            loss = updates[name]()
+            runs[name].times.append(time.perf_counter() - start)
+            runs[name].losses.append(loss)
+        if between is not None:
+            between()
     return list(runs.values())
 
 
@@ -297,17 +287,15 @@ def phase_shares(steps: int, timeout: float) -> dict[str, float] | str:
 
 
 def _read_phase_times(workdir: str) -> dict[str, float] | str:
-    """Sum the `time/<phase>` metrics of the JSONL log after the first (compiling) step."""
-    import glob
-    import json
+    """Sum the `time/<phase>` metrics of the run's metrics.jsonl after the first (compiling) step."""
+    from capo_jax.demo.plot import read_metrics
 
-    files = glob.glob(os.path.join(workdir, "**", "*.jsonl"), recursive=True)
-    if not files:
+    try:
+        rows = read_metrics(workdir)
+    except FileNotFoundError:
         return "the demo run wrote no JSONL metrics"
-    totals: dict[str, float] = {}
-    with open(files[0], encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if any(k.startswith("time/") for k in r)]
+    totals: dict[str, float] = {}
     for row in rows[1:] if len(rows) > 1 else rows:
         for k, v in row.items():
             if k.startswith("time/") and k != "time/step" and isinstance(v, (int, float)):
@@ -316,13 +304,6 @@ def _read_phase_times(workdir: str) -> dict[str, float] | str:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _load() -> str:
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _curve(run: Run) -> str:
@@ -347,14 +328,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from capo_jax.bench.peaks import measure_matmul
+    from capo_jax.bench.peaks import load_average, measure_matmul
 
     w = Workload(batch=2, prompt=64, response=448, steps=3, chunk=64) if args.quick else Workload()
     if args.steps:
         w = dataclasses.replace(w, steps=max(2, args.steps))
     dtypes = ("float32", "bfloat16") if args.precision == "both" else (args.precision,)
     print(f"capo_jax train benchmark: jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPUs, load average {_load()} (other work on this machine skews timings)")
+          f"{os.cpu_count()} CPUs, load average {load_average()} (other work on this machine skews timings)")
     import jax.numpy as jnp
 
     size = 1024 if args.quick else 2048
@@ -371,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         """Matmul peaks and load between rounds: this shared machine's load changes by the minute."""
         peaks["float32"].append(measure_matmul(jnp.float32, size=size, reps=3))
         peaks["bfloat16"].append(measure_matmul(jnp.bfloat16, jnp.float32, size=size, reps=3))
-        loads.append(_load().split(",")[0])
+        loads.append(load_average().split()[0])
         print(f"  {'run' if args.order == 'blocks' else 'round'} {len(loads)} done, load {loads[-1]}", flush=True)
 
     with tempfile.TemporaryDirectory() as folder, Peer() as peer:

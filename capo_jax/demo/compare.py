@@ -39,24 +39,20 @@ KNOWN_MODES = ("capo", "grpo", "genorm")
 
 
 def vote(verdicts: Sequence[Any], mode: str) -> frozenset[int] | None:
-    """The voted wrong-step set of one response's M verdicts (INVALID ones dropped); None when none parsed."""
+    """The voted wrong-step set of one response's M verdicts (INVALID ones dropped); None when none parsed.
+    The rule is the trainer's own (`capo_jax.rewards.credit.step_weights`), applied to this one response."""
     from capo_jax.critic import INVALID
+    from capo_jax.rewards.credit import step_weights, votes_from_verdicts
 
+    if mode not in VOTES:
+        raise ValueError(f"vote mode {mode!r}: use one of {VOTES}")
     valid = [v for v in verdicts if v is not INVALID]
     if not valid:
         return None
-    counts: dict[int, int] = {}
-    for v in valid:
-        for s in v:
-            counts[s] = counts.get(s, 0) + 1
-    m = len(valid)
-    if mode == "intersection":
-        return frozenset(s for s, n in counts.items() if n == m)
-    if mode == "majority":
-        return frozenset(s for s, n in counts.items() if 2 * n > m)
-    if mode == "union":
-        return frozenset(counts)
-    raise ValueError(f"vote mode {mode!r}: use one of {VOTES}")
+    width = 1 + max((max(v) for v in valid if v), default=0)
+    votes, ok = votes_from_verdicts([list(verdicts)], 1, len(verdicts), width)
+    flagged = np.asarray(step_weights(votes, ok, mode)[0][0]) > 0
+    return frozenset(int(s) for s in np.flatnonzero(flagged))
 
 
 def _pr(tp: int, fp: int, fn: int) -> dict[str, float]:

@@ -159,14 +159,12 @@ def verify_phase(texts: Sequence[str], references: Sequence[str], config: ml_col
 
 def steps_phase(rollout: Rollout, tokenizer: Any, config: ml_collections.ConfigDict):
     """token_step int32[B, T] and the step texts of every response."""
-    from capo_jax.rewards.steps import batch_token_steps
+    from capo_jax.rewards.steps import attach_unstepped_tokens, batch_token_steps
 
     result = batch_token_steps(rollout.response_ids, tokenizer, lengths=rollout.lengths,
                                delimiter=str(config.reward.step_delimiter), max_steps=int(config.reward.max_steps),
                                width=rollout.response_ids.shape[1])
-    if str(config.reward.get("unstepped_tokens", "none")) == "nearest":
-        from capo_jax.rewards.steps import attach_unstepped_tokens
-
+    if str(config.reward.unstepped_tokens) == "nearest":
         result = dataclasses.replace(result, token_step=attach_unstepped_tokens(result.token_step, rollout.response_mask))
     return result
 
@@ -481,7 +479,6 @@ class Run:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self.step
-
 
     def finish(self) -> None:
         """End-of-run outputs the config asks for: a Hugging Face export of the policy and a PNG of the curves."""
