@@ -166,11 +166,16 @@ def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> Any
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules) -> Any:
-    """Shardings for a `KVCache`: k/v `[layers, batch, length, kv_heads, head_dim]`, mask `[batch, length]`."""
+    """Shardings for a `KVCache`: k/v `[layers, batch, kv_heads, length, head_dim]` (or a tuple of per-layer
+    buffers without the layer axis), mask `[batch, length]`."""
     from capo_jax.models.cache import CACHE_AXES
 
-    return type(cache)(**{
-        f: logical_to_sharding(CACHE_AXES[f], mesh, rules, getattr(cache, f).shape) for f in cache._fields})
+    def one(field: str, x: Any) -> Any:
+        if isinstance(x, tuple):
+            return tuple(logical_to_sharding(CACHE_AXES[field][1:], mesh, rules, a.shape) for a in x)
+        return logical_to_sharding(CACHE_AXES[field], mesh, rules, x.shape)
+
+    return type(cache)(**{f: one(f, getattr(cache, f)) for f in cache._fields})
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

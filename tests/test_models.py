@@ -121,9 +121,9 @@ def test_config_round_trips_through_hf_dict():
         hash(cfg)
 
 
-def _decode_all(model, ids, mask, prefill, max_len, chunk=1):
+def _decode_all(model, ids, mask, prefill, max_len, chunk=1, per_layer=False):
     """Prefill `prefill` tokens, then feed the rest `chunk` at a time through the cache; all logits."""
-    cache = init_cache(model.config, ids.shape[0], max_len)
+    cache = init_cache(model.config, ids.shape[0], max_len, per_layer=per_layer)
     logits, cache = forward(model, ids[:, :prefill], mask[:, :prefill], cache=cache)
     outs = [np.asarray(logits)]
     for s in range(prefill, ids.shape[1], chunk):
@@ -132,17 +132,19 @@ def _decode_all(model, ids, mask, prefill, max_len, chunk=1):
     return np.concatenate(outs, axis=1), cache
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked_cache", "per_layer_cache"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decode_matches_full_forward(tiny, family):
+def test_cached_decode_matches_full_forward(tiny, family, per_layer):
     _, folder = tiny[family]
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, scan_layers=not per_layer)
     ids = _ids(3, 14, seed=3)
     mask = np.ones_like(ids)
     mask[0, :4] = 0      # left padding
     mask[1, :1] = 0
     mask[2, 10] = 0      # a row that skips a decode step (finished rows feed masked tokens)
     full = np.asarray(forward(model, ids, mask))
-    cached, cache = _decode_all(model, ids, mask, prefill=7, max_len=20)
+    cached, cache = _decode_all(model, ids, mask, prefill=7, max_len=20, per_layer=per_layer)
+    assert cache.per_layer == per_layer and cache.max_len == 20
     valid = mask.astype(bool)
     scale = np.abs(full).max()
     assert np.abs(cached[valid] - full[valid]).max() < 1e-5 * scale
@@ -260,13 +262,19 @@ def test_init_cache_shapes_and_hidden_states_with_cache():
     cfg = model.config
     cache = init_cache(cfg, 2, 8, jnp.bfloat16)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (cfg.num_layers, 2, 8, cfg.num_kv_heads, cfg.head_dim) and cache.k.dtype == jnp.bfloat16
+    assert cache.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 8, cfg.head_dim) and cache.k.dtype == jnp.bfloat16
     assert cache.mask.shape == (2, 8) and cache.index.dtype == jnp.int32
     ids = _ids(2, 5, vocab=97)
     hidden, new = nnx.jit(lambda m, ids, c: m.hidden_states(ids, cache=c))(model, ids, cache)
     assert hidden.shape == (2, 5, cfg.hidden_size) and int(new.index) == 5
     # a bfloat16 cache still reproduces the float32 forward closely
     np.testing.assert_allclose(model.logits(hidden), forward(model, ids), atol=0.05)
+    # per-layer buffers: one [B, KV, S, D] array per layer; a scanned stack refuses them with the fix
+    per_layer = init_cache(cfg, 2, 8, per_layer=True)
+    assert len(per_layer.k) == cfg.num_layers and per_layer.v[0].shape == (2, cfg.num_kv_heads, 8, cfg.head_dim)
+    assert cfg.scan_layers
+    with pytest.raises(ValueError, match="per_layer=False"):
+        model.hidden_states(ids, cache=per_layer)
 
 
 # config.json files as published (Qwen2.5-0.5B-Instruct, Llama-3.2-1B-Instruct), pre-transformers-5 layout

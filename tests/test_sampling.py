@@ -7,14 +7,16 @@ import jax
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import transformers
 from flax import nnx
 from jax._src import monitoring
 
 from capo_jax import parallel
 from capo_jax.models.hf_io import from_pretrained
-from capo_jax.sampling import (SamplingParams, _unstack_layout, batch_bucket, compiled_cache_sizes, generate,
-                               generate_text, prompt_bucket, sample_logits)
+from capo_jax.sampling import (SamplingParams, _categorical, _unstack_layout, batch_bucket, compiled_cache_sizes,
+                               first_argmax, generate, generate_text, prompt_bucket, sample_logits)
 from tiny_hf import make_tiny_checkpoint, make_tokenizer
 
 PROMPT_LENGTHS = (3, 9, 14)  # ragged, one bucket (16)
@@ -57,7 +59,7 @@ SAMPLED = SamplingParams(n=4, temperature=0.7, top_k=40, top_p=0.9, max_new_toke
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_greedy_matches_transformers_generate(models, family):
+def test_greedy_matches_transformers_generate(models, checkpoints, family):
     model, hf = models[family]
     prompts = _prompts(1)
     res = generate(model, prompts, GREEDY, jax.random.key(0))
@@ -74,6 +76,11 @@ def test_greedy_matches_transformers_generate(models, family):
         scanned = generate(model, prompts, GREEDY, jax.random.key(0), unstack_layers=False)
         np.testing.assert_array_equal(scanned.tokens, res.tokens)
         np.testing.assert_allclose(scanned.logprobs, res.logprobs, atol=1e-5)
+    if family == "qwen2":  # a policy built for training (remat, layers unscanned): same tokens, per-layer cache
+        trained_like = from_pretrained(checkpoints[family], remat=True, scan_layers=False)
+        again = generate(trained_like, prompts, GREEDY, jax.random.key(0))
+        np.testing.assert_array_equal(again.tokens, res.tokens)
+        np.testing.assert_allclose(again.logprobs, res.logprobs, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +264,20 @@ def test_buckets():
     assert [prompt_bucket(n) for n in (1, 8, 9, 64, 65, 130)] == [8, 8, 16, 64, 128, 192]
     assert [batch_bucket(n) for n in (1, 3, 5)] == [1, 4, 8]
     assert batch_bucket(1, 2) == 2 and batch_bucket(3, 8) == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -1.0, 2.5, 2.5, float("inf"), float("-inf"), float("nan"), 7.0]),
+                         min_size=5, max_size=5), min_size=1, max_size=4))
+def test_first_argmax_equals_numpy_argmax(rows):
+    """Ties pick the first index, a NaN counts as the maximum (NumPy's and jnp.argmax's convention)."""
+    x = np.asarray(rows, np.float32)
+    assert np.asarray(first_argmax(x)).tolist() == np.argmax(x, axis=-1).tolist()
+
+
+def test_categorical_draws_equal_jax_random_categorical():
+    keys = jax.random.split(jax.random.key(3), 32)
+    z = jax.random.normal(jax.random.key(1), (32, 300)) * 3
+    ours = jax.jit(_categorical)(keys, z)
+    ref = jax.jit(jax.vmap(jax.random.categorical))(keys, z)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))

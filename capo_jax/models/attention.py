@@ -17,16 +17,21 @@ _NEG = float(np.finfo(np.float32).min)
 CAUSAL_BLOCK = 128  # query rows per block of causal attention (measured best of 64/128/256 at T=1024 on CPU)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """q[B,T,H,D] over k,v[B,S,KV,D] (H a multiple of KV) where allowed[B,T,S] -> [B,T,H,D]."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, heads_major: bool = False) -> jax.Array:
+    """q[B,T,H,D] over k,v[B,S,KV,D] (H a multiple of KV) where allowed[B,T,S] -> [B,T,H,D].
+    `heads_major`: k,v are [B,KV,S,D] instead (the KV cache's layout, which the score and value dots read in place)."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_major else 2]
     dt = q.dtype
+    kspec = "bksd" if heads_major else "bskd"
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = einsum("btkgd,bskd->bkgts", qg, k, dt, F32) * (d ** -0.5)
+    scores = einsum(f"btkgd,{kspec}->bkgts", qg, k, dt, F32) * (d ** -0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = einsum("bkgts,bskd->btkgd", probs, v, dt)
+    if heads_major:  # probs[g*t, s] @ v[s, d] per (b, k): XLA:CPU's fast row-major case; t is small here
+        out = jnp.transpose(einsum("bkgts,bksd->bkgtd", probs, v, dt), (0, 3, 1, 2, 4))
+    else:
+        out = einsum("bkgts,bskd->btkgd", probs, v, dt)
     return out.reshape(b, t, h, d)
 
 

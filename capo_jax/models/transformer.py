@@ -139,7 +139,7 @@ class Attention(nnx.Module):
                  layer: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x[B,T,E] -> [B,T,E]. Without `kv`, `allowed` is the key padding mask bool[B,T] of causal self-attention;
         with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
-        (the whole cache `[layers,B,S,KV,D]`), the new keys/values are written at `layer`, slots `index..`."""
+        (the whole cache `[layers,B,KV,S,D]`), the new keys/values are written at `layer`, slots `index..`."""
         cfg, dt = self.cfg, x.dtype
         q, k, v = (_head_proj(x, w[...], dt) for w in (self.q, self.k, self.v))
         if cfg.attention_bias:
@@ -151,18 +151,33 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_all, v_all = kv
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-            kv = (k_all, v_all)
-        out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed)
+            if isinstance(k_all, tuple):  # per-layer buffers (layers run one by one: `layer` is a Python int)
+                k_l, v_l = (jax.lax.dynamic_update_slice(c[layer], _heads_major(x, c[layer].dtype)[0], (0, 0, index, 0))
+                            for c, x in ((k_all, k), (v_all, v)))
+                kv = (_replace_at(k_all, layer, k_l), _replace_at(v_all, layer, v_l))
+                k, v = k_l.astype(dt), v_l.astype(dt)
+            else:
+                start = (layer, 0, 0, index, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k, k_all.dtype), start)
+                v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v, v_all.dtype), start)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+                kv = (k_all, v_all)
+        out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed, heads_major=True)
         b, t, h, d = out.shape
         out = _dot("btf,ef->bte", out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, kv
+
+
+def _heads_major(x: jax.Array, dtype) -> jax.Array:
+    """New keys/values [B,T,KV,D] as the cache's [1,B,KV,T,D] block."""
+    return jnp.swapaxes(x, 1, 2)[None].astype(dtype)
+
+
+def _replace_at(buffers: tuple, i: int, x: jax.Array) -> tuple:
+    return buffers[:i] + (x,) + buffers[i + 1:]
 
 
 class MLP(nnx.Module):
@@ -242,9 +257,12 @@ class Transformer(nnx.Module):
             kv, index, new_mask = None, None, None
         else:
             _check_room(cache, t)
+            if cache.per_layer and cfg.scan_layers:
+                raise ValueError("a per-layer KV cache needs the layers run one by one; use init_cache(..., "
+                                 "per_layer=False) with a scan_layers=True model")
             index = jnp.asarray(cache.index, jnp.int32)
             new_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, index))
-            slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
             causal = slots[None, :] <= (index + jnp.arange(t, dtype=jnp.int32))[:, None]
             allowed = new_mask[:, None, :] & causal[None]
             kv = (cache.k, cache.v)
@@ -272,8 +290,8 @@ class Transformer(nnx.Module):
             x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, allowed, kv, index, i)
             return parallel.constrain(x, _ACT), kv
 
-        if cfg.remat:
-            step = jax.checkpoint(step, prevent_cse=False, static_argnums=(1,))
+        if cfg.remat:  # the layer index stays a Python int when layers run one by one (per-layer KV buffers)
+            step = jax.checkpoint(step, prevent_cse=False, static_argnums=(1,) if cfg.scan_layers else (1, 4))
         if not cfg.scan_layers:
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
@@ -293,8 +311,8 @@ class Transformer(nnx.Module):
 def _check_room(cache: KVCache, t: int) -> None:
     """Outside jit, refuse a write past the cache's end (inside jit the caller sizes `max_len`: the write would
     be clamped to the last slots)."""
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.k.shape[2]:
-        raise ValueError(f"KV cache full: {int(cache.index)} + {t} new tokens > max_len {cache.k.shape[2]}; "
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
+        raise ValueError(f"KV cache full: {int(cache.index)} + {t} new tokens > max_len {cache.max_len}; "
                          "allocate init_cache with a larger max_len")
 
 
