@@ -1,11 +1,14 @@
-"""The model's numerics kernels against NumPy: blocked causal attention and the mixed-precision einsum."""
+"""The model's numerics kernels against NumPy and PyTorch: blocked causal attention, the mixed-precision einsum
+and the SwiGLU MLP's hand-written backward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from capo_jax.models.attention import attend, causal_attend
 from capo_jax.models.einsum import einsum
+from capo_jax.models.swiglu import swiglu_mlp
 
 
 def _np_causal_attention(q, k, v, key_mask):
@@ -39,6 +42,10 @@ def test_causal_attend_matches_numpy(t, block):
     allowed = key_mask[:, None, :] & np.tril(np.ones((t, t), bool))[None]
     full = np.asarray(jax.jit(attend)(q, k, v, allowed))
     np.testing.assert_allclose(got[seen], full[seen], rtol=1e-5, atol=1e-5)
+    # and so does it on keys/values in the KV cache's [B, KV, S, D] layout
+    heads_major = jax.jit(lambda *a: attend(*a, heads_major=True))(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                                   allowed)
+    np.testing.assert_allclose(np.asarray(heads_major)[seen], full[seen], rtol=1e-5, atol=1e-5)
 
 
 def test_causal_attend_gradient_matches_full_square():
@@ -93,3 +100,28 @@ def test_einsum_refuses_an_index_summed_inside_one_operand():
     x = jnp.ones((4, 3), jnp.bfloat16)
     with pytest.raises(ValueError, match="summed within one operand"):
         einsum("ab,bc->a", x, x.T, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_swiglu_mlp_value_and_gradients_match_torch_autograd(dtype, tol):
+    """The hand-written backward against PyTorch float64 autograd of down(silu(x gate^T) * (x up^T))."""
+    r = np.random.default_rng(2)
+    x, gate, up, down, w = (r.standard_normal(s) * c for s, c in
+                            [((2, 5, 16), 1.0), ((24, 16), 0.3), ((24, 16), 0.3), ((16, 24), 0.3), ((2, 5, 16), 1.0)])
+
+    def loss(x, gate, up, down):
+        return jnp.sum(swiglu_mlp(x, gate, up, down, dtype).astype(jnp.float32) * w)
+
+    args = [jnp.asarray(a, jnp.float32) for a in (x, gate, up, down)]
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args)
+    tx, tg, tu, td = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, gate, up, down))
+    ref = torch.sum((torch.nn.functional.silu(tx @ tg.T) * (tx @ tu.T)) @ td.T * torch.tensor(w))
+    ref.backward()
+    np.testing.assert_allclose(float(value), ref.item(), rtol=tol, atol=tol)
+    for got, want in zip(grads, (tx.grad, tg.grad, tu.grad, td.grad)):
+        want = want.numpy()
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol * np.abs(want).max())
+    if dtype == jnp.bfloat16:  # every backward dot takes bf16 operands, as the forward ones
+        dots = _dot_dtypes(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+        assert len(dots) == 7 and all(d == ("bfloat16", "bfloat16") for d in dots), dots

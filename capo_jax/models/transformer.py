@@ -20,6 +20,7 @@ from capo_jax.models.attention import attend, causal_attend
 from capo_jax.models.cache import KVCache
 from capo_jax.models.config import ModelConfig
 from capo_jax.models.einsum import einsum
+from capo_jax.models.swiglu import swiglu_mlp
 
 F32 = jnp.float32
 _ACT = ("batch", "length", None)  # activations [B, T, E]: batch sharded, embed replicated
@@ -190,10 +191,7 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        g = einsum("bte,me->btm", x, self.gate[...], dt, F32)
-        u = einsum("bte,me->btm", x, self.up[...], dt, F32)
-        return _dot("btm,em->bte", (jax.nn.silu(g) * u).astype(dt), self.down[...], dt)
+        return swiglu_mlp(x, self.gate[...], self.up[...], self.down[...], x.dtype)
 
 
 class Block(nnx.Module):
