@@ -115,10 +115,31 @@ class PhaseTimer:
         return out
 
 
+def _jsonl_rows(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 def read_jsonl(workdir: str) -> list[dict]:
-    """The rows of a run's `metrics.jsonl` (for tests and notebooks)."""
+    """Every row of a run's `metrics.jsonl` as written (a resumed run may repeat steps); [] before the first."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    return _jsonl_rows(path) if os.path.exists(path) else []
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `<workdir>/metrics.jsonl` sorted by step; a step logged twice (a resumed run) keeps its last row."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        raise FileNotFoundError(f"no metrics.jsonl in {workdir!r}: has the run started?")
+    by_step = {int(row["step"]): row for row in _jsonl_rows(path) if "step" in row}
+    return [by_step[s] for s in sorted(by_step)]

@@ -11,7 +11,8 @@ import pytest
 from capo_jax.critic import INVALID
 from capo_jax.demo.compare import (build_table, check_extra, link_bootstrap, mean_std, parse_cli, precision_recall,
                                    run_command, summarize_run, vote)
-from capo_jax.demo.plot import plot_comparison, plot_run, read_metrics
+from capo_jax.demo.plot import plot_comparison, plot_run
+from capo_jax.metrics import read_metrics
 
 F = frozenset
 

@@ -288,7 +288,7 @@ def phase_shares(steps: int, timeout: float) -> dict[str, float] | str:
 
 def _read_phase_times(workdir: str) -> dict[str, float] | str:
     """Sum the `time/<phase>` metrics of the run's metrics.jsonl after the first (compiling) step."""
-    from capo_jax.demo.plot import read_metrics
+    from capo_jax.metrics import read_metrics
 
     try:
         rows = read_metrics(workdir)

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from capo_jax.demo.plot import plot_comparison, plot_run, read_metrics, series
+from capo_jax.demo.plot import plot_comparison, plot_run, series
+from capo_jax.metrics import read_metrics
 
 VOTES = ("intersection", "majority", "union")
 RESERVED_KEYS = ("reward.mode", "seed", "workdir", "total_steps")  # set per run by this command

@@ -4,12 +4,13 @@ matplotlib is imported inside the functions (Agg backend), so importing this mod
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from capo_jax.metrics import read_metrics
 
 # The panels of `plot_run`: (title, [(metric key, label, style)]).
 RUN_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
@@ -20,26 +21,6 @@ RUN_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
 )
 
 MODE_COLORS = {"capo": "tab:blue", "grpo": "tab:orange", "genorm": "tab:green"}
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The rows of `<workdir>/metrics.jsonl` sorted by step; a step logged twice (a resumed run) keeps its last row."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no metrics.jsonl in {workdir!r}: has the run started?")
-    by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            if not isinstance(row, dict) or "step" not in row:
-                continue
-            by_step[int(row["step"])] = row
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
