@@ -75,6 +75,8 @@ def test_sharded_forward_equals_unsharded():
     cache = init_cache(cfg, 4, 12)
     cache = jax.device_put(cache, parallel.cache_shardings(cache, mesh, parallel.policy_rules()))
     assert cache.k.sharding.spec == P(None, "fsdp", None, None, None)
+    per_layer = parallel.cache_shardings(init_cache(cfg, 4, 12, per_layer=True), mesh, parallel.policy_rules())
+    assert len(per_layer.k) == cfg.num_layers and all(s.spec == P("fsdp", None, None, None) for s in per_layer.v)
     ids = parallel.shard_batch(IDS, mesh)
     assert ids.sharding.spec == P("fsdp", None)
     logits, cache = forward(model, ids, cache=cache)
