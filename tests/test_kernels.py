@@ -1,5 +1,5 @@
 """The model's numerics kernels against NumPy and PyTorch: blocked causal attention, the mixed-precision einsum
-and the SwiGLU MLP's hand-written backward."""
+the weight matmul's two orientations and the SwiGLU MLP's hand-written backward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 
 from capo_jax.models.attention import attend, causal_attend
 from capo_jax.models.einsum import einsum
+from capo_jax.models.linear import WEIGHT_MAJOR_MAX_ROWS, linear, weight_major
 from capo_jax.models.swiglu import swiglu_mlp
 
 
@@ -125,3 +126,19 @@ def test_swiglu_mlp_value_and_gradients_match_torch_autograd(dtype, tol):
     if dtype == jnp.bfloat16:  # every backward dot takes bf16 operands, as the forward ones
         dots = _dot_dtypes(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
         assert len(dots) == 7 and all(d == ("bfloat16", "bfloat16") for d in dots), dots
+
+
+@pytest.mark.parametrize("rows", [3, WEIGHT_MAJOR_MAX_ROWS + 5])
+def test_linear_both_orientations_match_numpy_with_gradients(rows):
+    """Few float32 rows take the weight-major product (w @ x^T behind a barrier), many rows the usual one:
+    values and gradients equal float64 NumPy either way."""
+    assert weight_major(rows, jnp.float32) == (rows <= WEIGHT_MAJOR_MAX_ROWS)  # the CPU test backend
+    assert not weight_major(rows, jnp.bfloat16)
+    r = np.random.default_rng(rows)
+    x, w, dy = r.standard_normal((rows, 1, 24)), r.standard_normal((40, 24)) * 0.2, r.standard_normal((rows, 1, 40))
+    y, vjp = jax.vjp(lambda x, w: linear(x, w, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+    assert y.shape == (rows, 1, 40) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), dy @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("nto,nti->oi", dy, x), rtol=1e-5, atol=1e-4)

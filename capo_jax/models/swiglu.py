@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from capo_jax.models.linear import linear
+
 F32 = jnp.float32
 
 
@@ -21,10 +23,10 @@ def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _forward(x, gate, up, down, dtype):
-    g = _dot("ne,me->nm", x, gate)
-    u = _dot("ne,me->nm", x, up)
+    g = linear(x, gate, dtype, F32)
+    u = linear(x, up, dtype, F32)
     h = (jax.nn.silu(g) * u).astype(dtype)
-    return _dot("nm,em->ne", h, down).astype(dtype), g, u
+    return linear(h, down, dtype), g, u
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

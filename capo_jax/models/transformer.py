@@ -19,7 +19,7 @@ from capo_jax import parallel
 from capo_jax.models.attention import attend, causal_attend
 from capo_jax.models.cache import KVCache
 from capo_jax.models.config import ModelConfig
-from capo_jax.models.einsum import einsum
+from capo_jax.models.linear import linear
 from capo_jax.models.swiglu import swiglu_mlp
 
 F32 = jnp.float32
@@ -44,17 +44,11 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...]
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
-def _dot(eq: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """einsum in the compute dtype with float32 accumulation (fast bf16 path on CPU/TPU, also in the
-    backward pass), cast back to `dtype`."""
-    return einsum(eq, x, w, dtype)
-
-
 def _head_proj(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """x[B,T,E] through a per-head kernel w[heads, D, E] -> [B,T,heads,D], as one 2D matmul over the flattened
     [heads*D, E] kernel: with the 3D einsum XLA:CPU transposed the kernel on every call (per decode step)."""
     heads, d, e = w.shape
-    out = _dot("bte,fe->btf", x, w.reshape(heads * d, e), dtype)
+    out = linear(x, w.reshape(heads * d, e), dtype)
     return out.reshape(*out.shape[:-1], heads, d)
 
 
@@ -166,7 +160,7 @@ class Attention(nnx.Module):
                 kv = (k_all, v_all)
         out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed, heads_major=True)
         b, t, h, d = out.shape
-        out = _dot("btf,ef->bte", out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
+        out = linear(out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, kv
@@ -276,7 +270,7 @@ class Transformer(nnx.Module):
         """float32 logits [..., V] from final hidden states [..., E]."""
         dt = self.config.compute_dtype
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        out = einsum("...e,ve->...v", hidden, head[...], dt, F32)
+        out = linear(hidden, head[...], dt, F32)
         return parallel.constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
     # -- internals
