@@ -147,8 +147,9 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             if isinstance(k_all, tuple):  # per-layer buffers (layers run one by one: `layer` is a Python int)
-                k_l, v_l = (jax.lax.dynamic_update_slice(c[layer], _heads_major(x, c[layer].dtype)[0], (0, 0, index, 0))
-                            for c, x in ((k_all, k), (v_all, v)))
+                k_l, v_l = (jax.lax.dynamic_update_slice(buf[layer], _heads_major(new, buf[layer].dtype)[0],
+                                                         (0, 0, index, 0))
+                            for buf, new in ((k_all, k), (v_all, v)))
                 kv = (_replace_at(k_all, layer, k_l), _replace_at(v_all, layer, v_l))
                 k, v = k_l.astype(dt), v_l.astype(dt)
             else:
@@ -172,6 +173,7 @@ def _heads_major(x: jax.Array, dtype) -> jax.Array:
 
 
 def _replace_at(buffers: tuple, i: int, x: jax.Array) -> tuple:
+    """The tuple with item i replaced by x."""
     return buffers[:i] + (x,) + buffers[i + 1:]
 
 
