@@ -115,25 +115,32 @@ class PhaseTimer:
         return out
 
 
-def _jsonl_rows(path: str) -> list[dict]:
+def _jsonl_rows(path: str, strict: bool) -> list[dict]:
+    """The JSON objects of a JSONL file; a line that is not one raises when `strict`, else is skipped (a line
+    cut short by a killed run)."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
+            except json.JSONDecodeError as e:
+                if strict:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
+                continue
             if isinstance(row, dict):
                 rows.append(row)
+            elif strict:
+                raise ValueError(f"{path}:{n}: not a JSON object")
     return rows
 
 
 def read_jsonl(workdir: str) -> list[dict]:
-    """Every row of a run's `metrics.jsonl` as written (a resumed run may repeat steps); [] before the first."""
+    """Every row of a run's `metrics.jsonl` as written (a resumed run may repeat steps); [] before the first.
+    Strict: a malformed line raises (tests and notebooks should see it)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    return _jsonl_rows(path) if os.path.exists(path) else []
+    return _jsonl_rows(path, strict=True) if os.path.exists(path) else []
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -141,5 +148,5 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {workdir!r}: has the run started?")
-    by_step = {int(row["step"]): row for row in _jsonl_rows(path) if "step" in row}
+    by_step = {int(row["step"]): row for row in _jsonl_rows(path, strict=False) if "step" in row}
     return [by_step[s] for s in sorted(by_step)]

@@ -411,7 +411,7 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
                  use_top_p=float(params.top_p) < 1.0, stop_slots=stop_slots,
                  pad_id=int(pad if pad is not None else 0), share_prefix=bool(params.share_prefix),
                  row_sharding=None, cache_sharding=None, unstack=unstack,
-                 per_layer_cache=unstack is not None or not getattr(config, "scan_layers", False))
+                 per_layer_cache=unstack is not None or not getattr(config, "scan_layers", True))
     if mesh is None:
         return plan
     from capo_jax import parallel

@@ -12,7 +12,7 @@ from capo_jax.critic import INVALID
 from capo_jax.demo.compare import (build_table, check_extra, link_bootstrap, mean_std, parse_cli, precision_recall,
                                    run_command, summarize_run, vote)
 from capo_jax.demo.plot import plot_comparison, plot_run
-from capo_jax.metrics import read_metrics
+from capo_jax.metrics import read_jsonl, read_metrics
 
 F = frozenset
 
@@ -91,6 +91,8 @@ def test_plot_run_writes_a_png_and_skips_missing_keys(tmp_path):
     w, h = _png_size(out)
     assert w > 100 and h > 100
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="metrics.jsonl:7: not a JSON line"):
+        read_jsonl(str(tmp_path))  # the strict reader (tests, notebooks) names the cut line instead
 
     bare = tmp_path / "bare"
     _write_metrics(str(bare), [{"step": 1, "something/else": 1.0}])

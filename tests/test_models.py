@@ -200,9 +200,10 @@ def test_scanned_and_unscanned_layers_agree():
     np.testing.assert_allclose(ca, cb, atol=1e-5)
 
 
-def test_remat_gives_same_values_and_gradients():
-    plain = _random_model(remat=False)
-    remat = _random_model(remat=True)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_gives_same_values_and_gradients(scan_layers):
+    plain = _random_model(remat=False, scan_layers=scan_layers)
+    remat = _random_model(remat=True, scan_layers=scan_layers)
     ids = _ids(2, 7, vocab=97)
 
     def loss(model):

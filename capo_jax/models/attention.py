@@ -28,7 +28,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, heads_m
     scores = einsum(f"btkgd,{kspec}->bkgts", qg, k, dt, F32) * (d ** -0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1)
-    if heads_major:  # probs[g*t, s] @ v[s, d] per (b, k): XLA:CPU's fast row-major case; t is small here
+    if heads_major:  # probs[g*t, s] @ v[s, d] per (b, k): XLA:CPU's fast row-major case (t is 1 when decoding)
         out = jnp.transpose(einsum("bkgts,bksd->bkgtd", probs, v, dt), (0, 3, 1, 2, 4))
     else:
         out = einsum("bkgts,bskd->btkgd", probs, v, dt)

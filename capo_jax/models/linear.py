@@ -19,7 +19,9 @@ WEIGHT_MAJOR_MAX_ROWS = 128  # float32 on CPU: w @ x^T up to this many rows (mea
 
 
 def weight_major(rows: int, compute_dtype) -> bool:
-    """Whether `linear` streams the weight as the left operand for this many rows in this dtype."""
+    """Whether `linear` streams the weight as the left operand for this many rows in this dtype. `rows` counts
+    the whole (global) batch and the backend is the default one at trace time: a speed choice only, both
+    orientations give the same values."""
     return (jnp.dtype(compute_dtype) == F32 and rows <= WEIGHT_MAJOR_MAX_ROWS
             and jax.default_backend() == "cpu")
 

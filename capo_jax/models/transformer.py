@@ -133,8 +133,9 @@ class Attention(nnx.Module):
                  kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
                  layer: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x[B,T,E] -> [B,T,E]. Without `kv`, `allowed` is the key padding mask bool[B,T] of causal self-attention;
-        with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv`
-        (the whole cache `[layers,B,KV,S,D]`), the new keys/values are written at `layer`, slots `index..`."""
+        with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv` (the whole cache: stacked
+        `[layers,B,KV,S,D]` arrays or tuples of per-layer `[B,KV,S,D]` buffers), the new keys/values are written at
+        `layer`, slots `index..`."""
         cfg, dt = self.cfg, x.dtype
         q, k, v = (_head_proj(x, w[...], dt) for w in (self.q, self.k, self.v))
         if cfg.attention_bias:
