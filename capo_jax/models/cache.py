@@ -14,7 +14,8 @@ class KVCache(NamedTuple):
     `[B, kv_heads, S_max, head_dim]` buffers, `mask` bool[B, S_max] (slot holds a real token) and `index` int32[]
     (next slot to write). Stacked suits a scanned layer stack (it scans over the layer axis); per-layer suits
     layers run one by one, which then read their buffer in place (when it holds the compute dtype) instead of
-    copying a slice of the stack each step. Heads come before slots so a layer's keys are already in the layout the attention dots read."""
+    copying a slice of the stack each step. Heads come before slots so a layer's keys are already in the layout
+    the attention dots read."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]

@@ -148,15 +148,15 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             if isinstance(k_all, tuple):  # per-layer buffers (layers run one by one: `layer` is a Python int)
-                k_l, v_l = (jax.lax.dynamic_update_slice(buf[layer], _heads_major(new, buf[layer].dtype)[0],
-                                                         (0, 0, index, 0))
-                            for buf, new in ((k_all, k), (v_all, v)))
+                at = (0, 0, index, 0)
+                k_l = jax.lax.dynamic_update_slice(k_all[layer], _heads_major(k, k_all[layer].dtype), at)
+                v_l = jax.lax.dynamic_update_slice(v_all[layer], _heads_major(v, v_all[layer].dtype), at)
                 kv = (_replace_at(k_all, layer, k_l), _replace_at(v_all, layer, v_l))
                 k, v = k_l.astype(dt), v_l.astype(dt)
             else:
                 start = (layer, 0, 0, index, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k, k_all.dtype), start)
-                v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v, v_all.dtype), start)
+                k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k, k_all.dtype)[None], start)
+                v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v, v_all.dtype)[None], start)
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
                 v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
                 kv = (k_all, v_all)
@@ -169,8 +169,8 @@ class Attention(nnx.Module):
 
 
 def _heads_major(x: jax.Array, dtype) -> jax.Array:
-    """New keys/values [B,T,KV,D] as the cache's [1,B,KV,T,D] block."""
-    return jnp.swapaxes(x, 1, 2)[None].astype(dtype)
+    """New keys/values [B,T,KV,D] in the cache's [B,KV,T,D] order and dtype."""
+    return jnp.swapaxes(x, 1, 2).astype(dtype)
 
 
 def _replace_at(buffers: tuple, i: int, x: jax.Array) -> tuple:
