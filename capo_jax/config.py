@@ -58,7 +58,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/capo"  # checkpoints, metrics, the stored config and the policy's HF config + tokenizer
     c.stop_after_steps = 0  # stop cleanly (checkpoint saved) after this many steps in this process; 0 = run to total_steps
     c.max_bad_steps = 3  # stop the run after this many consecutive steps whose update was skipped for NaN/inf
-    c.distributed = "auto"  # jax.distributed.initialize(): auto (on multi-host TPU VMs / when JAX_COORDINATOR_ADDRESS is set) | on | off
+    c.distributed = "auto"  # join a multi-process job (capo_jax.distributed): auto (multi-host TPU VMs, or when a coordinator/count/id is given) | on | off
+    c.distributed_coordinator = ""  # coordinator HOST:PORT (process 0's address); "" = $JAX_COORDINATOR_ADDRESS (Cloud TPU: found automatically)
+    c.distributed_num_processes = -1  # processes in the job; -1 = $JAX_NUM_PROCESSES (Cloud TPU: found automatically)
+    c.distributed_process_id = -1  # this process's id, 0..count-1; -1 = $JAX_PROCESS_ID (Cloud TPU: found automatically)
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face folder of the policy; "" with data.source="arithmetic" bootstraps the demo policy

@@ -6,22 +6,21 @@ SIGTERM (a preempted TPU VM) checkpoints and exits cleanly.
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+import ml_collections
 
 from capo_jax.config import ConfigError, parse_args
 
 
-def initialize_distributed(mode: str) -> bool:
-    """Join the multi-host job (before any device is touched): `on`, or `auto` on a multi-host TPU VM
-    (TPU_WORKER_HOSTNAMES lists several hosts) or when JAX_COORDINATOR_ADDRESS is set. Returns whether it did."""
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if mode == "on" or (mode == "auto" and (len(hosts) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"))):
-        import jax
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Join the multi-process job the config and environment describe, before any device is touched
+    (capo_jax.distributed: Cloud TPU metadata, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    and the distributed_* keys). Returns whether it did."""
+    from capo_jax.distributed import initialize
 
-        jax.distributed.initialize()
-        return True
-    return False
+    return initialize(str(config.distributed), coordinator=str(config.distributed_coordinator),
+                      num_processes=int(config.distributed_num_processes), process_id=int(config.distributed_process_id))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         config, rest = parse_args(argv)
         if rest:
             raise ConfigError(f"unexpected arguments {rest}: use --config FILE, --config.<key>=<value>, --workdir DIR")
-        initialize_distributed(str(config.distributed))
+        initialize_distributed(config)
         from capo_jax.rl.loop import Run, StopTraining
 
         run = Run(config)
