@@ -64,12 +64,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.distributed_process_id = -1  # this process's id, 0..count-1; -1 = $JAX_PROCESS_ID (Cloud TPU: found automatically)
 
     c.policy = ml_collections.ConfigDict()
-    c.policy.path = ""  # Hugging Face folder of the policy; "" with data.source="arithmetic" bootstraps the demo policy
+    c.policy.path = ""  # Hugging Face folder or hub id (owner/name[@revision]) of the policy; "" with data.source="arithmetic" bootstraps the demo policy
     c.policy.param_dtype = "float32"  # master weights and optimizer state (keep float32)
     c.policy.remat = True  # recompute each layer's activations in the backward pass (memory ~1/L, about 1/3 more compute)
 
     c.reference = ml_collections.ConfigDict()
-    c.reference.path = ""  # frozen reference for the KL term; "" = the policy's initial checkpoint; not loaded when rl.kl_coef == 0
+    c.reference.path = ""  # frozen reference for the KL term (folder or hub id); "" = the policy's initial checkpoint; not loaded when rl.kl_coef == 0
     c.reference.dtype = "float32"  # compute and storage dtype of the reference: float32 | bfloat16
 
     c.mesh = ml_collections.ConfigDict()
@@ -92,7 +92,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     c.critic = ml_collections.ConfigDict()
     c.critic.backend = "genprm"  # genprm (Flax instruct LLM as GenPRM) | rule (synthetic demo critic)
-    c.critic.path = ""  # Hugging Face folder of the GenPRM (a 70B-class instruct model in the paper)
+    c.critic.path = ""  # Hugging Face folder or hub id of the GenPRM (a 70B-class instruct model in the paper)
     c.critic.num_critiques = 4  # M: critiques sampled per response
     c.critic.temperature = 1.0  # critic sampling temperature (M samples should differ)
     c.critic.top_p = 1.0  # critic nucleus filter (1.0 = off)
@@ -308,7 +308,10 @@ def _unknown_key_message(key: str, schema: Mapping) -> str:
 
 
 def _exists(path: str) -> bool:
-    return path.startswith("gs://") or os.path.exists(path)
+    """A local path, a gs:// path, or a Hugging Face hub id (resolved to a local snapshot when the run starts)."""
+    from capo_jax.hub import is_hub_id
+
+    return path.startswith("gs://") or os.path.exists(path) or is_hub_id(path)
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -429,12 +432,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 
 
 def _validate_paths(config: ml_collections.ConfigDict) -> None:
+    if str(config.workdir).startswith("gs://"):
+        raise ConfigError(f"workdir={config.workdir!r}: metrics and run files need a POSIX path; mount the bucket (e.g. gcsfuse) "
+                          "and pass the mount's path (docs/multihost.md)")
     if not config.policy.path:
         if config.data.source != "arithmetic":
             raise ConfigError("policy.path is not set: pass --config.policy.path=/path/to/hf_policy_folder "
                               "(only the arithmetic demo bootstraps its own policy)")
     elif not _exists(config.policy.path):
-        raise ConfigError(f"policy.path={config.policy.path!r} does not exist: point --config.policy.path at a Hugging Face model folder")
+        raise ConfigError(f"policy.path={config.policy.path!r} does not exist: point --config.policy.path at a Hugging Face model folder or hub id (owner/name)")
     if config.rl.kl_coef > 0 and config.reference.path and not _exists(config.reference.path):
         raise ConfigError(f"reference.path={config.reference.path!r} does not exist: fix it or set --config.reference.path='' to use the policy's checkpoint")
     needs_critic = config.reward.mode in ("capo", "genorm")
@@ -443,7 +449,7 @@ def _validate_paths(config: ml_collections.ConfigDict) -> None:
             raise ConfigError("critic.path is not set: pass --config.critic.path=/path/to/instruct_model "
                               "(the paper uses a 70B-class instruct model, e.g. Qwen2.5-72B-Instruct)")
         if not _exists(config.critic.path):
-            raise ConfigError(f"critic.path={config.critic.path!r} does not exist: point --config.critic.path at a Hugging Face model folder")
+            raise ConfigError(f"critic.path={config.critic.path!r} does not exist: point --config.critic.path at a Hugging Face model folder or hub id (owner/name)")
     source = config.data.source
     if source != "arithmetic" and not config.data.get("path", ""):
         raise ConfigError(f"data.path is not set for data.source={source!r}: pass --config.data.path=<dataset id, file or folder>")

@@ -125,3 +125,27 @@ def make_tiny_checkpoint(folder: str | pathlib.Path, family: str = "qwen2", *, s
     if tokenizer:
         make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def add_to_hub_cache(folder: str | pathlib.Path, cache: str | pathlib.Path, repo_id: str, *,
+                     commit: str = "0123456789abcdef0123456789abcdef01234567", branch: str = "main") -> pathlib.Path:
+    """Lay `folder`'s files out as huggingface_hub's cache does after a download of `repo_id`, and return the snapshot.
+
+    `cache/models--owner--name/` gets `blobs/<sha256>` (the file contents), `snapshots/<commit>/<file>`
+    (relative symlinks to the blobs) and `refs/<branch>` (the commit).
+    """
+    import hashlib
+    import os
+
+    storage = pathlib.Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    blobs, snapshot, refs = storage / "blobs", storage / "snapshots" / commit, storage / "refs"
+    for d in (blobs, snapshot, refs):
+        d.mkdir(parents=True, exist_ok=True)
+    for src in sorted(pathlib.Path(folder).iterdir()):
+        if src.is_file():
+            data = src.read_bytes()
+            blob = blobs / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / src.name).symlink_to(os.path.relpath(blob, snapshot))
+    (refs / branch).write_text(commit)
+    return snapshot

@@ -295,7 +295,10 @@ class Run:
         pol_devices, critic_devices = policy_devices(config)
         m = config.mesh
         self.mesh = parallel.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=pol_devices)
-        self.policy_path = resolve_policy_path(config, logger=self._log)
+        from capo_jax.hub import resolve_model_paths
+
+        models = resolve_model_paths(config, log=self._log)  # hub ids -> local snapshots; self.config keeps the ids
+        self.policy_path = resolve_policy_path(models, logger=self._log)
         self.tokenizer = load_tokenizer(self.policy_path)
 
         from capo_jax.models import from_pretrained
@@ -305,7 +308,7 @@ class Run:
                                      mesh=self.mesh, rules=RULES[m.policy_rules](), remat=bool(config.policy.remat))
         reference = None
         if float(config.rl.kl_coef) > 0:
-            ref_path = config.reference.path or self.policy_path
+            ref_path = models.reference.path or self.policy_path
             reference = from_pretrained(ref_path, dtype=config.reference.dtype, param_dtype=config.reference.dtype,
                                         mesh=self.mesh, rules=RULES[m.reference_rules]())
         self.opts = StepOptions.from_config(config)
@@ -314,7 +317,7 @@ class Run:
         self.trainer = PolicyTrainer(self.model, self.opts, optimizer, self.mesh, rules=RULES[m.policy_rules](),
                                      reference=reference, reference_rules=RULES[m.reference_rules]())
         del reference  # the trainer keeps the reference's parameters only
-        self.critic = make_critic(config, mesh=self.mesh if critic_devices is None else None)
+        self.critic = make_critic(models, mesh=self.mesh if critic_devices is None else None)
         self.stops = stop_ids(self.tokenizer, self.model.config)
 
         from capo_jax.data import build_source
