@@ -123,6 +123,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.rl.micro_batch_size = 8  # sequences per forward/backward; gradients accumulate exactly over a mini-batch
     c.rl.clip_low = 0.2  # PPO ratio clip below: 1 - clip_low
     c.rl.clip_high = 0.2  # PPO ratio clip above: 1 + clip_high
+    c.rl.clip_ratio_c = 0.0  # dual clip (verl): for A < 0 the loss is capped at -A * c, c > 1 (e.g. 3.0); 0 = off
     c.rl.kl_coef = 0.0  # beta of the KL to the reference (0 = no reference model loaded)
     c.rl.kl_estimator = "k3"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || pi_ref))
     c.rl.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean (GRPO) | seq_mean_token_sum_norm (Dr.GRPO)
@@ -383,6 +384,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                        ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep", config.checkpoint.keep)):
         if int(value) < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    c_dual = float(config.rl.clip_ratio_c)
+    if c_dual != 0.0 and not c_dual > 1.0:
+        raise ConfigError(f"rl.clip_ratio_c={c_dual}: the dual clip needs c > 1 (verl uses 3.0); set --config.rl.clip_ratio_c=0 to turn it off")
     if G < 2:
         raise ConfigError(f"rollout.group_size={G}: group advantages need at least 2 responses per prompt; set --config.rollout.group_size=2 or more")
     batch = P * G
