@@ -167,7 +167,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from capo_jax.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    model, tok, step = load_model(args.model, step=args.step, dtype=args.dtype)
+    from capo_jax.checkpoint import CheckpointError
+
+    try:
+        model, tok, step = load_model(args.model, step=args.step, dtype=args.dtype)
+    except (FileNotFoundError, CheckpointError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     mesh = None
     if args.data_parallel != 1:
         import jax

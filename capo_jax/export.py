@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from capo_jax.checkpoint import POLICY_HF_DIR, load_policy
+from capo_jax.checkpoint import POLICY_HF_DIR, CheckpointError, load_policy
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None) -> tuple[str, int]:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out, step = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
     print(f"exported step {step} of {args.workdir} to {out}")

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices on CPU machines
+    from capo_jax.checkpoint import CheckpointError
+
     try:
         config, rest = parse_args(argv)
         if rest:
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"[train] {exc}", file=sys.stderr)
         return 2
     try:
         step = run.train()

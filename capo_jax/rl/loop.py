@@ -342,18 +342,22 @@ class Run:
             print(message, file=self._stream or sys.stderr, flush=True)
 
     def _resume(self) -> None:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        """Restore the newest checkpoint that restores; broken newer ones are reported in one line and moved aside."""
+        def usable(items: dict) -> None:  # a checkpoint whose meta cannot resume the run is as broken as a truncated one
+            meta = items["meta"]
+            int(meta["step"]), ckpt_lib.key_from_json(meta["rng"])
+            self.source.restore(meta["data_state"])
+
+        restored = self.checkpointer.restore_newest(self.trainer.params, self.trainer.opt_state, check=usable, log=self._log)
+        if restored is None:
             return
-        restored = self.checkpointer.restore(latest, self.trainer.params, self.trainer.opt_state)
         self.trainer.set_state(restored["params"], restored["opt_state"])
         meta = restored["meta"]
-        self.source.restore(meta["data_state"])
         if ckpt_lib.key_to_json(self.base_key) != list(meta["rng"]):
             self._log(f"[resume] note: the checkpoint's RNG key differs from seed {self.config.seed}; using the checkpoint's")
         self.base_key = ckpt_lib.key_from_json(meta["rng"])
         self.step = int(meta["step"])
-        self._log(f"[resume] restored step {self.step} from {self.checkpointer.directory}")
+        self._log(f"[resume] restored step {self.step} from {self.checkpointer.step_path(restored['step'])}")
 
     def save(self) -> None:
         """Checkpoint the current state (params, optimizer, step, RNG, data position)."""
