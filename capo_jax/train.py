@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices on CPU machines
     from capo_jax.checkpoint import CheckpointError
+    from capo_jax.lock import WorkdirBusy
 
     try:
         config, rest = parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:
+    except (CheckpointError, WorkdirBusy) as exc:
         print(f"[train] {exc}", file=sys.stderr)
         return 2
     try:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -291,6 +292,8 @@ class Run:
         self._stream = stream
         self._stop_signal = False
         self.writer: MetricsWriter | None = None
+        self._lock = None
+        self._hold_lock()  # before anything writes into the workdir
 
         pol_devices, critic_devices = policy_devices(config)
         m = config.mesh
@@ -340,6 +343,15 @@ class Run:
             import sys
 
             print(message, file=self._stream or sys.stderr, flush=True)
+
+    def _hold_lock(self) -> None:
+        """Own workdir/.lock (process 0 only): WorkdirBusy when a live trainer has it; released when training ends."""
+        if jax.process_index() != 0 or (self._lock is not None and self._lock.held()):
+            return
+        from capo_jax import lock
+
+        self._lock = lock.acquire(self.workdir, log=self._log)
+        weakref.finalize(self, self._lock.release)  # also at interpreter exit, and after an exception in __init__
 
     def _resume(self) -> None:
         """Restore the newest checkpoint that restores; broken newer ones are reported in one line and moved aside."""
@@ -444,6 +456,7 @@ class Run:
     def train(self) -> int:
         """Run to total_steps (or stop_after_steps, or SIGTERM); returns the last finished step."""
         cfg = self.config
+        self._hold_lock()
         total = int(cfg.total_steps)
         stop_at = total if int(cfg.stop_after_steps) <= 0 else min(total, self.step + int(cfg.stop_after_steps))
         lg = cfg.logging
@@ -480,6 +493,8 @@ class Run:
         finally:
             self.checkpointer.close()
             self.writer.close()
+            if self._lock is not None:
+                self._lock.release()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self.step
