@@ -21,21 +21,19 @@ class WorkdirBusy(RuntimeError):
     """Another live trainer owns the workdir; the message names it and how to proceed."""
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None off Linux or when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid from the owner; None off Linux."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid from the owner."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def pid_alive(pid: int, start: str | None = None) -> bool:
@@ -48,7 +46,8 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
         pass  # another user's process: alive
     except (OverflowError, ValueError):
         return False
-    if _proc_state(pid) == "Z":
+    fields = _proc_stat(pid)
+    if fields and fields[0] == "Z":
         return False
     now = _proc_start(pid)
     return start is None or now is None or now == start
