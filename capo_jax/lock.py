@@ -55,8 +55,9 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 
 def owner_line(info: dict[str, Any]) -> str:
     """`host H, pid P, started T (command: C)` for messages."""
-    return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, started {info.get('started', '?')} "
-            f"(command: {info.get('command', '?')})")
+    command = str(info.get("command", "?"))
+    command = command if len(command) <= 120 else command[:117] + "..."
+    return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, started {info.get('started', '?')} (command: {command})"
 
 
 class WorkdirLock:

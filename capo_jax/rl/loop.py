@@ -461,9 +461,11 @@ class Run:
         stop_at = total if int(cfg.stop_after_steps) <= 0 else min(total, self.step + int(cfg.stop_after_steps))
         lg = cfg.logging
         lead = jax.process_index() == 0  # one host writes the logs
+        # rows an interrupted run logged after the restored step are dropped (all of them when nothing was restored)
         self.writer = MetricsWriter(self.workdir, total_steps=total, initial_step=self.step,
                                     tensorboard=lead and bool(lg.tensorboard), jsonl=lead and bool(lg.jsonl),
-                                    progress=lead and bool(lg.progress), stream=self._stream)
+                                    progress=lead and bool(lg.progress), stream=self._stream,
+                                    keep_through=self.step if self.step > 0 else -1)
         previous = signal.signal(signal.SIGTERM, self.request_stop) if _main_thread() else None
         bad_in_a_row = 0
         try:
