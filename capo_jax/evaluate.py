@@ -24,6 +24,7 @@ import numpy as np
 
 from capo_jax.data.benchmarks import REGISTRY, Benchmark, Item, load_benchmark, local_benchmark
 from capo_jax.data.templates import check_template, encode_prompt, render_prompt
+from capo_jax.metrics import silence_torch_advisory
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation described by `argv`; returns the JSON-able results it wrote."""
+    silence_torch_advisory()
     args = _parser().parse_args(argv)
     if not args.greedy and args.num_samples <= 0:
         raise SystemExit("nothing to do: pass --greedy 1 and/or --num_samples N")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,22 @@ PROGRESS_KEYS = {
     "gn": "train/grad_norm",
     "s/step": "time/step",
 }
+
+
+TORCH_ADVISORY = "PyTorch was not found"  # transformers' import-time notice; capo_jax runs its models in JAX
+
+
+class _DropTorchAdvisory(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TORCH_ADVISORY)
+
+
+def silence_torch_advisory() -> None:
+    """Drop transformers' "PyTorch was not found" notice (capo_jax needs torch for nothing but loading an export in
+    transformers); every other transformers message still shows. Call before transformers is imported."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropTorchAdvisory) for f in logger.filters):
+        logger.addFilter(_DropTorchAdvisory())
 
 
 EVAL_PREFIX = "eval/"

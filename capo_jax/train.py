@@ -10,6 +10,7 @@ import os
 import sys
 
 from capo_jax.config import ConfigError, parse_args
+from capo_jax.metrics import silence_torch_advisory
 
 
 def initialize_distributed(mode: str) -> bool:
@@ -27,6 +28,7 @@ def initialize_distributed(mode: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, validate the config and train; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    silence_torch_advisory()
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0

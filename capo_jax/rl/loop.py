@@ -509,7 +509,9 @@ class Run:
 
             out = os.path.join(self.workdir, "hf_export")
             save_pretrained(self.model, out, tokenizer_dir=os.path.join(self.workdir, ckpt_lib.POLICY_HF_DIR))
-            self._log(f"[train] policy exported as a Hugging Face folder: {out}")
+            from capo_jax.export import load_hint
+
+            self._log(f"[train] policy exported as a Hugging Face folder: {out}; {load_hint(out)}")
         if bool(cfg.finish.plot):
             try:
                 from capo_jax.demo.plot import plot_run
