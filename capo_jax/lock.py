@@ -98,6 +98,14 @@ def _link_new(path: str, info: dict[str, Any]) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links on this file system (some FUSE mounts): an exclusive create instead
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+        return True
     finally:
         os.remove(tmp)
 

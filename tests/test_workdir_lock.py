@@ -75,3 +75,17 @@ def test_same_process_reuses_and_other_hosts_and_reused_pids(tmp_path):
     lock.acquire(workdir, log=lines.append).release()
     assert "stale" in lines[0]
     assert lock.pid_alive(os.getpid()) and lock.pid_alive(os.getppid(), lock._proc_start(os.getppid()))
+
+
+def test_without_hard_links_an_exclusive_create_still_guards(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    mine = lock.acquire(str(tmp_path))
+    assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid() and sorted(os.listdir(tmp_path)) == [".lock"]
+    with open(tmp_path / ".lock", "w") as f:
+        json.dump({"host": "elsewhere", "pid": 1}, f)
+    with pytest.raises(lock.WorkdirBusy):
+        lock.acquire(str(tmp_path))
+    assert not mine.held()
