@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -65,10 +66,13 @@ def _late_callback_noise(unraisable: Any) -> bool:
 
 
 def _silence_late_callbacks() -> None:
-    """Drop `_late_callback_noise` from sys.unraisablehook (once per process); everything else still reaches the old hook."""
+    """Drop `_late_callback_noise` from sys.unraisablehook (once per process; everything else still reaches the old
+    hook), and the warning about orbax's array reads that a failed restore leaves never awaited."""
     previous = sys.unraisablehook
     if getattr(previous, "_capo_filter", False):
         return
+    warnings.filterwarnings("ignore", message=r"coroutine '_read_array_index_and_device_put' was never awaited",
+                            category=RuntimeWarning)
 
     def hook(unraisable: Any) -> None:
         if not _late_callback_noise(unraisable):

@@ -16,7 +16,8 @@ def tensorboard_scalars(logdir):
 
     out = {}
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        data, i = open(path, "rb").read(), 0
+        with open(path, "rb") as f:
+            data, i = f.read(), 0
         while i < len(data):
             (n,) = struct.unpack("<Q", data[i:i + 8])
             event = event_pb2.Event()
@@ -27,6 +28,11 @@ def tensorboard_scalars(logdir):
             for value in event.summary.value:
                 out.setdefault(value.tag, {}).setdefault(event.step, []).append(value.simple_value)
     return out
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
 
 
 def _rows(path, steps):
@@ -40,13 +46,13 @@ def test_truncate_drops_later_rows_and_cut_lines_atomically(tmp_path):
     _rows(path, range(1, 32))
     with open(path, "a") as f:
         f.write('{"step": 32, "train/lo')  # a kill -9 mid-write
-    before = open(path).read().splitlines(keepends=True)
+    before = _read(path).splitlines(keepends=True)
     assert truncate_jsonl(path, 20) == 12
-    assert open(path).read().splitlines(keepends=True) == before[:20]  # rows 1..20 byte for byte
+    assert _read(path).splitlines(keepends=True) == before[:20]  # rows 1..20 byte for byte
     assert os.listdir(tmp_path) == ["metrics.jsonl"]  # no temp file left
     inode = os.stat(path).st_ino
     assert truncate_jsonl(path, 20) == 0 and os.stat(path).st_ino == inode  # nothing to drop: not rewritten
-    assert truncate_jsonl(path, -1) == 20 and open(path).read() == ""
+    assert truncate_jsonl(path, -1) == 20 and _read(path) == ""
     assert truncate_jsonl(str(tmp_path / "absent.jsonl"), 3) == 0
 
 

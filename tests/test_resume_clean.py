@@ -6,6 +6,7 @@ metrics.jsonl exactly once (the rows before the restored step byte for byte as f
 showing the same values.
 """
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -59,7 +60,7 @@ def test_kill_9_then_rerun_logs_each_step_once(demo_policy, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    first_lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines(keepends=True)
+    first_lines = _lines(workdir)
     logged = max(r["step"] for r in _rows(workdir))
     steps = ckpt_lib.Checkpointer(workdir).all_steps()
     assert os.path.exists(os.path.join(workdir, ".lock"))  # kill -9 leaves the lock behind
@@ -82,7 +83,7 @@ def test_kill_9_then_rerun_logs_each_step_once(demo_policy, tmp_path):
 
     rows = read_jsonl(workdir)
     assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))  # each step exactly once
-    final_lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines(keepends=True)
+    final_lines = _lines(workdir)
     kept = [line for line, r in zip(first_lines, rows) if r["step"] <= restored]
     assert final_lines[:restored] == kept == first_lines[:restored]  # before the restored step: as first logged
     tb = tensorboard_scalars(os.path.join(workdir, "tb"))
@@ -90,14 +91,18 @@ def test_kill_9_then_rerun_logs_each_step_once(demo_policy, tmp_path):
         assert tb[key] == {r["step"]: [pytest.approx(r[key])] for r in rows}, key
 
 
-def _rows(workdir):
+def _lines(workdir):
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    import json
+    with open(path) as f:
+        return f.read().splitlines(keepends=True)
 
+
+def _rows(workdir):
+    """The rows written so far (a line being written may be cut)."""
     out = []
-    for line in open(path):
+    for line in _lines(workdir):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

@@ -16,6 +16,11 @@ HOLDER = ("import sys; from capo_jax import lock; lock.acquire(sys.argv[1], comm
           "print('ready', flush=True); sys.stdin.read()")  # exits without releasing: leaves a stale lock
 
 
+def _owner(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _train(workdir, *extra):
     return subprocess.run([sys.executable, "-m", "capo_jax.train", "--config", "configs/demo.py", f"--workdir={workdir}",
                            *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -37,13 +42,14 @@ def test_a_live_owner_stops_a_second_trainer_and_a_dead_one_is_taken_over(tmp_pa
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+        holder.stdout.close()
     # the holder is gone (reaped), its lock stays behind: the next owner takes it over and says so
-    stale = json.load(open(os.path.join(workdir, ".lock")))
+    stale = _owner(os.path.join(workdir, ".lock"))
     assert stale["pid"] == holder.pid
     lines = []
     mine = lock.acquire(workdir, log=lines.append)
     assert len(lines) == 1 and "stale" in lines[0] and f"pid {holder.pid}," in lines[0]
-    assert json.load(open(os.path.join(workdir, ".lock")))["pid"] == os.getpid()
+    assert _owner(os.path.join(workdir, ".lock"))["pid"] == os.getpid()
     assert not [f for f in os.listdir(workdir) if f != ".lock"]  # no temp or stale files left behind
     mine.release()
     assert not os.path.exists(os.path.join(workdir, ".lock"))
@@ -83,7 +89,7 @@ def test_without_hard_links_an_exclusive_create_still_guards(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "link", no_links)
     mine = lock.acquire(str(tmp_path))
-    assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid() and sorted(os.listdir(tmp_path)) == [".lock"]
+    assert _owner(tmp_path / ".lock")["pid"] == os.getpid() and sorted(os.listdir(tmp_path)) == [".lock"]
     with open(tmp_path / ".lock", "w") as f:
         json.dump({"host": "elsewhere", "pid": 1}, f)
     with pytest.raises(lock.WorkdirBusy):
