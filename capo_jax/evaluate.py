@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference_format", default="raw", choices=("raw", "gsm8k", "boxed"), help="for file: benchmarks")
     p.add_argument("--template", default="", help="prompt format string with {question} (\\n reads as a newline); "
                    "default: a workdir's training template, else each benchmark's own")
-    p.add_argument("--use_chat_template", action="store_true", default=None,
+    p.add_argument("--use_chat_template", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts with the tokenizer's chat template (default: a workdir's training setting, else off)")
     p.add_argument("--system_prompt", default=None, help="system message for the chat template (default: a workdir's, else none)")
     p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")

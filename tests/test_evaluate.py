@@ -212,6 +212,14 @@ def test_a_workdir_brings_its_world_template_and_budget(tiny_model, tmp_path, ca
     assert r["template"] == "{question}\n" and r["max_new_tokens"] == 4
     assert "literal backslash-n" not in capsys.readouterr().err
 
+    from capo_jax.evaluate import _parser, prompt_settings
+
+    chat = {"data": {"use_chat_template": True, "system_prompt": "Be brief."}}
+    assert prompt_settings(_parser().parse_args(["--model", "m"]), chat).use_chat_template is True
+    off = prompt_settings(_parser().parse_args(["--model", "m", "--no-use_chat_template", "--system_prompt", ""]), chat)
+    assert off.use_chat_template is False and off.system_prompt == ""
+    assert prompt_settings(_parser().parse_args(["--model", "m"]), None).max_new_tokens == 1024
+
 
 def test_a_template_still_holding_a_literal_backslash_n_warns(tiny_model, tmp_path, capsys):
     report = main(["--model", tiny_model, "--benchmarks", "arithmetic", "--limit", "2", "--output", "",
