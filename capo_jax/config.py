@@ -178,6 +178,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     _merge_missing(c.data, _optional_defaults("capo_jax.data"))
 
     c.demo = ml_collections.ConfigDict()  # the synthetic demo's bootstrap (used when policy.path == "")
+    c.demo.cache_dir = ""  # bootstrapped demo policies are cached here by settings hash; "" = $CAPO_JAX_CACHE or ~/.cache/capo_jax
     for name in ("model", "sft"):  # the arithmetic world itself is data.world
         c.demo[name] = ml_collections.ConfigDict(
             _optional_defaults("capo_jax.demo.bootstrap", f"{name.upper()}_DEFAULTS")
@@ -199,8 +200,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.finish.plot = False  # at the end of the run, plot metrics.jsonl to workdir/curves.png
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 0  # evaluate held-out problems every N steps (0 = never)
-    c.eval.num_problems = 64  # held-out problems per evaluation
+    c.eval.every = 0  # evaluate held-out problems every N steps, and once before the first step (0 = never)
+    c.eval.num_problems = 128  # held-out problems per evaluation
+    c.eval.samples = 4  # responses sampled per problem at eval.temperature (sampled accuracy over problems x samples pairs; 0 = none)
+    c.eval.temperature = -1.0  # sampling temperature of the sampled evaluation; -1 = rollout.temperature
+    c.eval.greedy = True  # also evaluate one greedy response per problem
     c.eval.max_new_tokens = 0  # evaluation response budget (0 = rollout.max_new_tokens)
     return c
 
@@ -418,6 +422,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     c_dual = float(config.rl.clip_ratio_c)
     if c_dual != 0.0 and not c_dual > 1.0:
         raise ConfigError(f"rl.clip_ratio_c={c_dual}: the dual clip needs c > 1 (verl uses 3.0); set --config.rl.clip_ratio_c=0 to turn it off")
+    if int(config.eval.num_problems) < 1 or int(config.eval.samples) < 0:
+        raise ConfigError(f"eval.num_problems={config.eval.num_problems} must be >= 1 and eval.samples={config.eval.samples} >= 0")
+    if not (float(config.eval.temperature) == -1.0 or float(config.eval.temperature) >= 0.0):
+        raise ConfigError(f"eval.temperature={config.eval.temperature}: use -1 (the rollout temperature), 0 (greedy) or a positive value")
     if G < 2:
         raise ConfigError(f"rollout.group_size={G}: group advantages need at least 2 responses per prompt; set --config.rollout.group_size=2 or more")
     batch = P * G

@@ -1,5 +1,6 @@
-"""Test set-up: 8 simulated CPU devices (set before jax loads) and the `slow` marker."""
+"""Test set-up: 8 simulated CPU devices (set before jax loads), a private bootstrap cache, and the `slow` marker."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -8,6 +9,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the demo's bootstrap cache: one per test session, never the user's ~/.cache/capo_jax
+os.environ["CAPO_JAX_CACHE"] = tempfile.mkdtemp(prefix="capo_jax_test_cache_")
 
 import jax  # noqa: E402  (must come after the flags above)
 
@@ -16,3 +19,9 @@ jax.config.update("jax_enable_x64", False)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["CAPO_JAX_CACHE"], ignore_errors=True)

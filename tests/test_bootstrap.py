@@ -1,4 +1,5 @@
-"""The demo bootstrap: a tiny policy trains on noisy solutions, its loss falls, the folder loads, the cache is reused."""
+"""The demo bootstrap: a tiny policy trains on noisy solutions, its loss falls, the folder loads, the cache is reused
+(in its folder, and across workdirs through the user cache keyed by the settings hash)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from capo_jax.demo.bootstrap import MODEL_DEFAULTS, SFT_DEFAULTS, bootstrap_policy, sft_data
+from capo_jax.demo.bootstrap import (MODEL_DEFAULTS, SFT_DEFAULTS, bootstrap_policy, bootstrap_settings, cache_root,
+                                     cached_bootstrap, settings_hash, sft_data)
 
 TINY_WORLD = {"min_ops": 1, "max_ops": 2, "num_test": 8}
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
@@ -29,7 +31,8 @@ def test_tiny_bootstrap_trains_and_its_loss_falls(booted):
     marker = json.load(open(os.path.join(path, "bootstrap.json")))
     m = marker["metrics"]
     assert m["final_loss"] < 0.6 * m["first_loss"]
-    assert 0.0 <= m["accuracy"] <= 1.0 and m["num"] == 4
+    assert 0.0 <= m["greedy_accuracy"] <= 1.0 and 0.0 <= m["sampled_accuracy"] <= 1.0 and m["problems"] == 4
+    assert m["sampled_pairs"] == 8 and m["greedy_pairs"] == 4
     assert any("step 40/40" in line for line in logs)
     assert marker["settings"]["sft"]["steps"] == 40 and marker["settings"]["model"]["hidden_size"] == 32
 
@@ -93,3 +96,31 @@ def test_bad_settings_raise(tmp_path):
         bootstrap_policy(str(tmp_path), model={"hiden_size": 8})
     with pytest.raises(ValueError, match="llama or qwen2"):
         bootstrap_policy(str(tmp_path), model={**MODEL_DEFAULTS, "model_type": "gpt2"})
+
+
+def test_the_user_cache_is_shared_by_workdirs_and_keyed_by_the_settings(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    settings = dict(world=TINY_WORLD, model=TINY_MODEL, sft={**TINY_SFT, "steps": 3, "num_eval": 0})
+    logs: list[str] = []
+    first = cached_bootstrap(cache, log=logs.append, **settings)
+    assert first == os.path.join(cache, "bootstrap", settings_hash(bootstrap_settings(**settings)))
+    assert any("step 3/3" in line for line in logs) and os.path.exists(os.path.join(first, "model.safetensors"))
+    assert os.listdir(os.path.join(cache, "bootstrap")) == [os.path.basename(first)]  # no partial folder left
+    mtime = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
+    logs = []
+    assert cached_bootstrap(cache, log=logs.append, **settings) == first  # a second workdir: no training
+    assert logs == [f"[bootstrap] reusing the cached bootstrap {first}"]
+    assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == mtime
+    other = cached_bootstrap(cache, log=logs.append, **{**settings, "sft": {**settings["sft"], "seed": 1}})
+    assert other != first and os.path.isdir(other)
+    # a half-written folder under the hash (a build killed before the rename is never one; a damaged one can be)
+    os.remove(os.path.join(first, "bootstrap.json"))
+    logs = []
+    assert cached_bootstrap(cache, log=logs.append, **settings) == first
+    assert any("step 3/3" in line for line in logs) and os.path.exists(os.path.join(first, "bootstrap.json"))
+    # where the cache lives: the argument, else $CAPO_JAX_CACHE, else $XDG_CACHE_HOME/capo_jax
+    monkeypatch.setenv("CAPO_JAX_CACHE", str(tmp_path / "env"))
+    assert cache_root("") == str(tmp_path / "env") and cache_root(cache) == cache
+    monkeypatch.delenv("CAPO_JAX_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root("") == str(tmp_path / "xdg" / "capo_jax")

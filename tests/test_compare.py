@@ -1,4 +1,4 @@
-"""The CAPO-vs-GRPO comparison: critic precision/recall, the table builder, the plots (no trainer runs here)."""
+"""The CAPO-vs-GRPO comparison: critic precision/recall, per-run numbers, the report, the grid, the plots (no trainer runs)."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,13 @@ import math
 import os
 import struct
 
+import numpy as np
 import pytest
+from scipy import stats as sps
 
 from capo_jax.critic import INVALID
-from capo_jax.demo.compare import (build_table, check_extra, link_bootstrap, mean_std, parse_cli, precision_recall,
-                                   run_command, summarize_run, vote)
+from capo_jax.demo.compare import (Variant, build_report, check_extra, load_config, make_variants, parse_cli, parse_seeds,
+                                   precision_recall, resolve_config_path, run_command, summarize_run, vote)
 from capo_jax.demo.plot import plot_comparison, plot_run
 from capo_jax.metrics import read_jsonl, read_metrics
 
@@ -77,11 +79,11 @@ def _write_metrics(workdir, rows) -> None:
 
 
 def test_plot_run_writes_a_png_and_skips_missing_keys(tmp_path):
-    rows = []
+    rows = [{"step": 0, "eval/sampled_accuracy": 0.3, "eval/sampled_accuracy_se": 0.02, "eval/greedy_accuracy": 0.8}]
     for step in range(1, 7):
         row = {"step": step, "time": 0.0, "reward/outcome_accuracy": 0.1 * step, "reward/frac_tokens_penalized": 0.05}
         if step % 3 == 0:
-            row.update({"eval/accuracy": 0.2 + 0.01 * step, "eval/step_error_rate": 0.3 - 0.01 * step})
+            row.update({"eval/sampled_accuracy": 0.3 + 0.01 * step, "eval/sampled_step_error_rate": 0.3 - 0.01 * step})
         rows.append(row)  # no reward/mean at all: that panel is skipped
     _write_metrics(str(tmp_path), rows)
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -90,8 +92,8 @@ def test_plot_run_writes_a_png_and_skips_missing_keys(tmp_path):
     assert out == os.path.join(str(tmp_path), "curves.png")
     w, h = _png_size(out)
     assert w > 100 and h > 100
-    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
-    with pytest.raises(ValueError, match="metrics.jsonl:7: not a JSON line"):
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="metrics.jsonl:8: not a JSON line"):
         read_jsonl(str(tmp_path))  # the strict reader (tests, notebooks) names the cut line instead
 
     bare = tmp_path / "bare"
@@ -101,69 +103,69 @@ def test_plot_run_writes_a_png_and_skips_missing_keys(tmp_path):
         plot_run(str(tmp_path / "missing"))
 
 
-def _run(evals, train=(0.1, 0.2)):
-    rows = [{"step": s + 1, "reward/outcome_accuracy": a} for s, a in enumerate(train)]
-    for step, acc, wrong in evals:
-        while len(rows) < step:
-            rows.append({"step": len(rows) + 1, "reward/outcome_accuracy": train[-1]})
-        rows[step - 1].update({"eval/accuracy": acc, "eval/step_error_rate": wrong})
-    return rows
+def _rows(evals, rewards=(0.5, 0.7)):
+    """Metrics rows: (step, sampled acc, greedy acc, wrong-step rate) evaluations, per-step rewards from step 1."""
+    rows = {s + 1: {"step": s + 1, "reward/mean": r} for s, r in enumerate(rewards)}
+    for step, acc, greedy, wrong in evals:
+        rows.setdefault(step, {"step": step}).update({"eval/sampled_accuracy": acc, "eval/greedy_accuracy": greedy,
+                                                      "eval/sampled_step_error_rate": wrong})
+    return [rows[k] for k in sorted(rows)]
 
 
-def test_table_builder_means_and_threshold_steps(tmp_path):
-    threshold = 0.35
-    specs = [
-        ("capo", 0, [(5, 0.2, 0.3), (10, 0.4, 0.1)]),
-        ("capo", 1, [(5, 0.35, 0.2), (10, 0.5, 0.2)]),
-        ("grpo", 0, [(5, 0.1, 0.4), (10, 0.2, 0.3)]),
-    ]
+def test_summarize_run_gain_auc_and_steps_to_threshold():
+    r = summarize_run(_rows([(0, 0.3, 0.8, 0.3), (10, 0.5, 0.82, 0.2), (20, 0.6, 0.85, 0.1)]), threshold=0.45)
+    assert r["start"] == 0.3 and r["final"] == 0.6 and r["gain"] == pytest.approx(0.3)
+    assert r["auc"] == pytest.approx(((0.3 + 0.5) / 2 * 10 + (0.5 + 0.6) / 2 * 10) / 20)
+    assert r["steps_to_threshold"] == 10 and r["final_wrong"] == 0.1 and r["final_greedy"] == 0.85
+    assert r["eval_steps"] == [0, 10, 20] and r["train_reward"] == [0.5, 0.7]
+    never = summarize_run(_rows([(0, 0.3, 0.8, 0.3), (10, 0.31, 0.8, 0.3)]), threshold=0.45)
+    assert never["steps_to_threshold"] is None
+    no_start = summarize_run(_rows([(10, 0.5, 0.8, 0.2)]), threshold=None)
+    assert no_start["start"] is None and no_start["gain"] is None and no_start["auc"] is None
+
+
+def test_report_pairs_capo_with_grpo_by_seed(tmp_path):
+    finals = {("capo", 0): 0.6, ("capo", 1): 0.65, ("capo", 2): 0.62, ("grpo", 0): 0.55, ("grpo", 1): 0.58}
     runs = []
-    for mode, seed, evals in specs:
-        r = {"mode": mode, "seed": seed, "ok": True, "status": "ok", "seconds": 12.0}
-        r.update(summarize_run(_run(evals), threshold))
+    for (mode, seed), final in finals.items():
+        r = {"variant": "base", "mode": mode, "seed": seed, "ok": True, "status": "ok", "seconds": 10.0}
+        r.update(summarize_run(_rows([(0, 0.3, 0.8, 0.3), (10, final, 0.8, 0.2)]), threshold=0.4))
         runs.append(r)
-    runs.append({"mode": "grpo", "seed": 1, "ok": False, "status": "failed (exit 1)", "seconds": 3.0})
-    assert runs[0]["steps_to_threshold"] == 10 and runs[1]["steps_to_threshold"] == 5
-    assert runs[2]["steps_to_threshold"] is None
-    assert runs[0]["eval_steps"] == [5, 10] and runs[0]["eval_wrong_step_frac"] == [0.3, 0.1]
-    assert runs[0]["final_train_accuracy"] == pytest.approx(0.2)  # steps 6..10 all at 0.2
-
-    table, summary = build_table(runs, threshold, ["capo", "grpo"])
-    capo, grpo = summary["capo"], summary["grpo"]
-    assert capo["final_eval_accuracy"][0] == pytest.approx(0.45)
-    assert capo["final_eval_accuracy"][1] == pytest.approx(math.sqrt(2 * 0.05 ** 2))  # sample std, ddof=1
-    assert capo["final_wrong_step_frac"][0] == pytest.approx(0.15)
-    assert capo["steps_to_threshold"][0] == pytest.approx(7.5) and capo["reached_threshold"] == 2
-    assert (grpo["ok"], grpo["runs"]) == (1, 2) and grpo["failed"] == [{"seed": 1, "status": "failed (exit 1)"}]
-    assert grpo["final_eval_accuracy"] == (pytest.approx(0.2), None) and grpo["reached_threshold"] == 0
-    assert capo["mean_eval_accuracy"][0] == pytest.approx((0.3 + 0.425) / 2)
-    assert runs[1]["best_eval_accuracy"] == pytest.approx(0.5)
-    assert "| capo | 2/2 | 0.450 ± 0.071 | 0.150 ± 0.071 | 7.5 ± 3.5 (2/2 reached) | 0.363 ± 0.088 | 0.200 ± 0.000 |" in table
-    assert "| grpo | 1/2 | 0.200 | 0.300 | never | 0.150 | 0.200 |" in table
-    assert "| grpo_s1 | failed (exit 1) |" in table
-
-    results = {"runs": runs, "bootstrap_eval": {"accuracy": 0.15, "step_error_rate": 0.35}, "threshold": threshold}
-    w, h = _png_size(plot_comparison(results, str(tmp_path / "compare.png")))
+    runs.append({"variant": "base", "mode": "grpo", "seed": 2, "ok": False, "status": "failed (exit 1)", "seconds": 1.0})
+    table, summary = build_report(runs, [Variant("base", (), ("capo", "grpo"))], 0.4, 0.1)
+    capo = summary["variants"]["base"]["capo"]
+    assert capo["ok"] == 3 and capo["final"]["mean"] == pytest.approx(np.mean([0.6, 0.65, 0.62]))
+    assert summary["variants"]["base"]["grpo"]["failed"] == [{"seed": 2, "status": "failed (exit 1)"}]
+    diff = summary["paired"]["capo - grpo"]["final"]
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx(((0.6 - 0.55) + (0.65 - 0.58)) / 2)
+    assert diff["p"] == pytest.approx(sps.ttest_rel([0.6, 0.65], [0.55, 0.58]).pvalue)
+    assert "| capo | 3/3 | 0.300 [0.300, 0.300] |" in table and "| grpo_s2 | failed (exit 1) |" in table
+    assert "10.0 [10.0, 10.0] (3/3 reached)" in table
+    groups = {m: [r for r in runs if r["mode"] == m and r["ok"]] for m in ("capo", "grpo")}
+    w, h = _png_size(plot_comparison(groups, str(tmp_path / "compare.png"), title="t"))
     assert w > 300 and h > 100
 
 
-def test_mean_std_and_command_line(tmp_path):
-    assert mean_std([]) == (None, None)
-    assert mean_std([1.0]) == (1.0, None)
-    assert mean_std([1.0, 3.0])[1] == pytest.approx(math.sqrt(2.0))
+def test_grid_variants_seeds_and_command_line():
+    config = load_config(resolve_config_path("configs/demo.py"), [])
+    variants = make_variants(["critic.misjudge_prob=0,0.1,0.3", "critic.vote=majority"], ["capo", "grpo"], config)
+    assert [v.name for v in variants] == ["base", "critic.misjudge_prob=0", "critic.misjudge_prob=0.3", "critic.vote=majority"]
+    assert variants[0].modes == ("capo", "grpo") and variants[1].modes == ("capo",)  # GRPO ignores the critic
+    assert variants[1].overrides == (("critic.misjudge_prob", "0"),)
+    for bad in (["critic.misjudge_prob"], ["critic.nope=1"], ["seed=1,2"], ["critic.vote=sometimes"]):
+        with pytest.raises(ValueError):
+            make_variants(bad, ["capo"], config)
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7] and parse_seeds("2,1") == [1, 2]
     with pytest.raises(ValueError):
         check_extra(["--config.seed=3"])
     with pytest.raises(ValueError):
+        check_extra(["--config.data.seed=3"])
+    with pytest.raises(ValueError):
         check_extra(["--workdir", "x"])
     check_extra(["--config.optim.learning_rate=1e-4"])
-    args = parse_cli(["--seeds", "0,1", "--steps", "7", "--extra", "--config.optim.learning_rate=1e-4"])
-    assert args.seed_list == [0, 1] and args.mode_list == ["capo", "grpo"] and args.extra == ["--config.optim.learning_rate=1e-4"]
-    cmd = run_command("configs/demo.py", "grpo", 1, "/o/grpo_s1", 7, 5, args.extra)
-    assert cmd[1:3] == ["-m", "capo_jax.train"]
-    assert cmd[-4:] == ["--config.reward.mode=grpo", "--config.seed=1", "--config.workdir=/o/grpo_s1",
-                        "--config.total_steps=7"]
-    shared = tmp_path / "bootstrap"
-    shared.mkdir()
-    link_bootstrap(str(shared), str(tmp_path / "capo_s0"))
-    link_bootstrap(str(shared), str(tmp_path / "capo_s0"))  # idempotent
-    assert os.path.realpath(tmp_path / "capo_s0" / "bootstrap") == os.path.realpath(shared)
+    args = parse_cli(["--steps", "7", "--grid", "critic.vote=union", "--extra", "--config.optim.learning_rate=1e-4"])
+    assert args.seed_list == list(range(8)) and args.mode_list == ["capo", "grpo"] and args.grid == ["critic.vote=union"]
+    cmd = run_command("configs/demo.py", "capo", 1, "/o/capo_s1", 7, 5, args.extra, (("critic.vote", "union"),))
+    assert cmd[1:3] == ["-m", "capo_jax.train"] and "--config.critic.vote=union" in cmd
+    assert cmd[-5:] == ["--config.reward.mode=capo", "--config.seed=1", "--config.data.seed=1",
+                        "--config.workdir=/o/capo_s1", "--config.total_steps=7"]

@@ -25,6 +25,7 @@ TINY = [
     "--config.rl.num_minibatches=1",
     "--config.eval.every=2",
     "--config.eval.num_problems=8",
+    "--config.eval.samples=2",
     "--config.checkpoint.async_save=false",
 ]
 
@@ -34,7 +35,13 @@ def test_demo_config_runs_end_to_end(tmp_path):
     status = train.main(["--config", "configs/demo.py", f"--config.workdir={workdir}", *TINY])
     assert status == 0
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the bootstrapped policy's evaluation, before any update
+    for row in (rows[0], rows[2]):
+        assert row["eval/sampled_pairs"] == 16 and row["eval/greedy_pairs"] == 8 and row["eval/problems"] == 8
+        for key in ("eval/sampled_accuracy", "eval/greedy_accuracy", "eval/sampled_step_error_rate"):
+            assert 0.0 <= row[key] <= 1.0, key
+        acc = row["eval/sampled_accuracy"]
+        assert row["eval/sampled_accuracy_se"] == pytest.approx(np.sqrt(acc * (1 - acc) / 16))
     last = rows[-1]
     for key in ("reward/outcome_accuracy", "steps/per_response", "critic/parse_failure_rate", "train/loss"):
         assert key in last and np.isfinite(last[key]), key
@@ -56,4 +63,4 @@ def test_demo_config_runs_end_to_end(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
     # the same command again resumes and has nothing left to do
     assert train.main(["--config", "configs/demo.py", f"--config.workdir={workdir}", *TINY]) == 0
-    assert len(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()) == 2
+    assert len(open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()) == 3

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capo_jax.critic.base import Critic, CritiqueRequest
-from capo_jax.critic.rule import RuleCritic, true_wrong_steps
+from capo_jax.critic.rule import RuleCritic, question_chain, true_wrong_steps
 from capo_jax.data.arithmetic import ArithmeticWorld
 
 
@@ -41,6 +41,25 @@ def test_true_wrong_steps_judges_each_step_on_its_own():
 def test_true_wrong_steps_matches_the_injected_errors():
     for req, wrong in _noisy_requests(300, 0.3):
         assert true_wrong_steps(req.steps) == wrong
+        assert true_wrong_steps(req.steps, req.question) == wrong  # noise never changes an operation
+
+
+def test_with_the_question_a_step_must_apply_its_next_operation():
+    q = "Compute (((4 - 1) + 3) * 4) + 1."
+    assert question_chain(q) == (4, (("-", 1), ("+", 3), ("*", 4), ("+", 1)))
+    assert question_chain("Compute 3 + (4 * 2).") is None and question_chain("What is 3 + 4?") is None
+    right = ["4 - 1 = 3", "3 + 3 = 6", "6 * 4 = 24", "24 + 1 = 25", "The answer is \\boxed{25}"]
+    assert true_wrong_steps(right, q) == frozenset()
+    misread = ["4 - 1 = 3", "3 + 3 = 6", "6 + 4 = 10", "10 + 1 = 11", "The answer is \\boxed{11}"]
+    assert true_wrong_steps(misread) == frozenset()  # the arithmetic alone holds...
+    assert true_wrong_steps(misread, q) == {2}  # ...but step 2 applies + 4 where the question says * 4
+    assert true_wrong_steps(["5 - 1 = 4", "4 + 3 = 7", "7 * 4 = 28", "28 + 1 = 29", "The answer is \\boxed{29}"], q) == {0}
+    assert true_wrong_steps(["4 - 1 = 3", "3 + 3 = 6", "6 * 4 = 24", "The answer is \\boxed{24}"], q) == {3}  # too early
+    assert true_wrong_steps(right[:4] + ["25 + 1 = 26", "The answer is \\boxed{26}"], q) == {4}  # an extra operation
+    assert true_wrong_steps(["4 - 1 = 3", "9 + 3 = 12", "12 * 4 = 48", "48 + 1 = 49", "The answer is \\boxed{49}"], q) == {1}
+    critic = RuleCritic(misjudge_prob=0.0)
+    text = critic.critique([CritiqueRequest(q, tuple(misread), "25")], 1, np.random.default_rng(0))[0][0]
+    assert text.endswith("Wrong step list: [2]") and "the question's next operation is * 4" in text
 
 
 @pytest.mark.parametrize("index_base", [0, 1])

@@ -1,8 +1,12 @@
 """A rule critic that stands in for the LLM critic (GenPRM) on the synthetic arithmetic task only.
 
-It reads each step as one operation `a op b = c` and checks that step's arithmetic on its own
-(a step that carries a wrong earlier result but computes correctly from it is right; a step it
-cannot read is wrong; a `\\boxed{}` step is wrong unless it restates the previous result). It
+It reads the question, as an LLM judge would, and each step as one operation `a op b = c`, and
+judges every step on its own: an operation step is right when it applies the question's next
+operation to the previous step's written result and computes it correctly (a step that carries a
+wrong earlier result but computes correctly from it is right; one that applies another operation,
+or starts from another number, is wrong even when its arithmetic holds); a step it cannot read is
+wrong; the `\\boxed{}` step is wrong unless it comes after all the operations and restates the
+previous result. Without a readable question it checks the arithmetic alone. It
 writes its verdict in the LLM critic's text format, read by the shared parser, and misjudges
 each step with probability `misjudge_prob` so that voting over M critiques matters, as with a
 real GenPRM. It never quotes the policy's text, so a response cannot forge a verdict line.
@@ -27,10 +31,39 @@ _BOXED_ANY_RE = re.compile(r"\\boxed\{\s*([^{}]{0,40}?)\s*\}")
 _MAX_STEP_CHARS = 400
 
 
-def judge_steps(steps: Sequence[str]) -> list[tuple[bool, str]]:
-    """Judge every step on its own: (is_wrong, a short reason written only from parsed numbers)."""
+_OP_NAMES = {"x": "*", "×": "*", "÷": "/"}
+_AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def question_chain(question: str) -> tuple[int, tuple[tuple[str, int], ...]] | None:
+    """The start value and operations of a `Compute ((a op b) op c) ...` question in the order they apply, or None
+    when the question is not such a left-nested chain of integers."""
+    m = re.search(r"Compute\s+(.{1,400}?)\.?\s*$", question.strip())
+    if not m:
+        return None
+    try:
+        node = ast.parse(m.group(1), mode="eval").body
+    except SyntaxError:
+        return None
+    ops: list[tuple[str, int]] = []
+    while isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
+        right = node.right
+        if not (isinstance(right, ast.Constant) and type(right.value) is int):
+            return None
+        ops.append((_AST_OPS[type(node.op)], int(right.value)))
+        node = node.left
+    if not (ops and isinstance(node, ast.Constant) and type(node.value) is int):
+        return None
+    return int(node.value), tuple(reversed(ops))
+
+
+def judge_steps(steps: Sequence[str], question: str | None = None) -> list[tuple[bool, str]]:
+    """Judge every step on its own: (is_wrong, a short reason written only from parsed numbers). With a readable
+    `question`, an operation step must also apply the question's next operation to the previous written result."""
+    chain = question_chain(question) if question else None
     out: list[tuple[bool, str]] = []
-    prev: int | None = None
+    prev: int | None = chain[0] if chain else None
+    done = 0  # operation steps so far
     for raw in steps:
         text = raw.strip()
         if len(text) > _MAX_STEP_CHARS:
@@ -39,20 +72,30 @@ def judge_steps(steps: Sequence[str]) -> list[tuple[bool, str]]:
             continue
         m = _STEP_RE.fullmatch(text)
         if m:
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            a, op, b, c = int(m.group(1)), _OP_NAMES.get(m.group(2), m.group(2)), int(m.group(3)), int(m.group(4))
             val = exact_value(a, op, b)
-            if val is None:
+            if chain is not None and done >= len(chain[1]):
+                out.append((True, f"the question has only {len(chain[1])} operations"))
+            elif chain is not None and (op, b) != chain[1][done]:
+                want = chain[1][done]
+                out.append((True, f"this step applies {op} {b}; the question's next operation is {want[0]} {want[1]}"))
+            elif chain is not None and prev is not None and a != prev:
+                out.append((True, f"this step starts from {a}; the previous result is {prev}"))
+            elif val is None:
                 out.append((True, f"{a} {op} {b} is undefined"))
             elif val == c:
                 out.append((False, f"{a} {op} {b} = {c} is computed correctly"))
             else:
                 out.append((True, f"{a} {op} {b} is {_fmt(val)}, not {c}"))
             prev = c
+            done += 1
             continue
         m = _BOXED_STEP_RE.fullmatch(text)
         if m:
             v = int(m.group(1))
-            if prev is None:
+            if chain is not None and done < len(chain[1]):
+                out.append((True, f"the answer comes after {done} of the question's {len(chain[1])} operations"))
+            elif prev is None:
                 out.append((True, "the boxed answer does not follow from a previous result"))
             elif v == prev:
                 out.append((False, f"the boxed answer {v} restates the previous result"))
@@ -64,9 +107,10 @@ def judge_steps(steps: Sequence[str]) -> list[tuple[bool, str]]:
     return out
 
 
-def true_wrong_steps(steps: Sequence[str]) -> frozenset[int]:
-    """The TRUE wrong-step set (0-based) of a response's steps, for step-error metrics and critic precision/recall."""
-    return frozenset(i for i, (wrong, _) in enumerate(judge_steps(steps)) if wrong)
+def true_wrong_steps(steps: Sequence[str], question: str | None = None) -> frozenset[int]:
+    """The TRUE wrong-step set (0-based) of a response's steps to `question`, for step-error metrics and critic
+    precision/recall."""
+    return frozenset(i for i, (wrong, _) in enumerate(judge_steps(steps, question)) if wrong)
 
 
 def _fmt(v: Fraction) -> str:
@@ -164,7 +208,7 @@ class RuleCritic:
         t0 = time.perf_counter()
         out = []
         for req in requests:
-            judged = judge_steps(req.steps)
+            judged = judge_steps(req.steps, req.question)
             flips = rng.random((num_samples, len(judged))) < self.misjudge_prob
             out.append([self._render(judged, flips[m]) for m in range(num_samples)])
         self._stats = CriticStats(seconds=time.perf_counter() - t0)

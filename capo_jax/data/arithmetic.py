@@ -15,8 +15,8 @@ import numpy as np
 
 # The arithmetic world's knobs (config `data.world`, also the bootstrap's `world`).
 WORLD_DEFAULTS: dict = {
-    "min_ops": 1,  # fewest operations per problem (= arithmetic steps in the solution)
-    "max_ops": 2,  # most operations per problem
+    "min_ops": 2,  # fewest operations per problem (= arithmetic steps in the solution)
+    "max_ops": 4,  # most operations per problem
     "min_operand": 1,  # smallest operand drawn
     "max_operand": 9,  # largest operand drawn
     "ops": "+-*",  # allowed operators, a subset of "+-*/" ("/" only where it divides exactly)

@@ -1,22 +1,26 @@
 """The demo's character-level Hugging Face tokenizer, built with `tokenizers` and loadable by `AutoTokenizer`.
 
-Every printable ASCII character and the newline is one token; the template's few words
-(`Compute`, `The answer is`, `\\boxed{`) are single tokens to keep sequences short. The
+Every printable ASCII character and the newline is one token, every pair of digits too (so the world's
+numbers up to 99 are single tokens and a step's arithmetic is one fact to recall, not a carry across
+characters), and the template's few words (`Compute`, `The answer is`, `\\boxed{`), the spaced operators and the
+step delimiter are single tokens, which keeps sequences short. The
 `<s>` token is prepended to every encoded text; `</s>` ends a response; `<pad>` pads.
 """
 from __future__ import annotations
 
 import os
+import re
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-WORD_TOKENS = ("Compute", "The answer is", "\\boxed{")
+WORD_TOKENS = ("Compute", "The answer is", "\\boxed{", " + ", " - ", " * ", " / ", " = ", "\n\n")
+DIGIT_PAIRS = tuple(f"{i:02d}" for i in range(100))  # a longer number splits into pairs from the left
 
 
 def _vocab() -> dict[str, int]:
     vocab: dict[str, int] = {}
-    for tok in SPECIAL_TOKENS + WORD_TOKENS + tuple(chr(i) for i in range(32, 127)) + ("\n",):
+    for tok in SPECIAL_TOKENS + WORD_TOKENS + tuple(chr(i) for i in range(32, 127)) + ("\n",) + DIGIT_PAIRS:
         vocab.setdefault(tok, len(vocab))
     return vocab
 
@@ -27,8 +31,8 @@ def build_tokenizer():
 
     vocab = _vocab()
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words = "|".join(w.replace("\\", "\\\\").replace("{", "\\{") for w in WORD_TOKENS)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"|[\s\S]"), behavior="isolated")
+    words = "|".join(re.escape(w) for w in WORD_TOKENS)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"|[0-9]{2}|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]

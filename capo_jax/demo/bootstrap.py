@@ -1,15 +1,18 @@
 """Bootstrap the demo's tiny policy: build the tokenizer, train from scratch on noisy solutions, save an HF folder.
 
-The supervised phase shows the model solutions whose step results are sometimes off by a little
-(later steps carry the error on), so it ends up like a weak reasoner: it knows the format and
-often the arithmetic, but makes step errors that CAPO's step credit can target. A finished
-bootstrap is reused when the settings hash in `bootstrap.json` matches.
+The supervised phase shows the model solutions whose step results are off by a little with a set
+probability per step (later steps carry the error on). The model learns the procedure and the
+arithmetic, so its greedy answers are mostly right, but it also learns to slip: sampled at the rollout
+temperature it makes step errors at about the noise rate, the regime RL is for, and errors that CAPO's
+step credit can point at. Finished bootstraps are cached by the hash of their settings in a user cache
+folder shared by every workdir (`cached_bootstrap`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -37,18 +40,18 @@ MODEL_DEFAULTS: dict = {
 
 # The supervised bootstrap phase (config `demo.sft`).
 SFT_DEFAULTS: dict = {
-    "steps": 800,  # optimizer steps
+    "steps": 1000,  # optimizer steps
     "batch_size": 32,  # sequences per step
     "learning_rate": 5e-3,  # AdamW peak learning rate (warmup then cosine decay)
     "warmup_steps": 50,  # linear warmup steps
     "weight_decay": 0.01,  # AdamW weight decay
-    "noise_prob": 0.1,  # probability that a solution step's result is off (later steps carry the error)
+    "noise_prob": 0.25,  # probability that a solution step's result is off (later steps carry the error)
     "noise_max": 2,  # a noisy result is off by 1..noise_max
-    "num_eval": 64,  # held-out test problems for the greedy accuracy printed at the end
+    "num_eval": 64,  # held-out test problems for the accuracies printed at the end (greedy, and 2 samples each at T=1)
     "seed": 0,  # init, data and noise seed
 }
 
-BOOTSTRAP_VERSION = 2  # bump when the recipe changes, so old caches are retrained
+BOOTSTRAP_VERSION = 3  # bump when the recipe changes, so old caches are retrained
 _MARKER = "bootstrap.json"
 _TRAIN_STREAM = 1 << 20  # the SFT problem stream (the RL data stream is data.seed)
 
@@ -145,26 +148,62 @@ def _train(model, ids: np.ndarray, mask: np.ndarray, sft: Mapping[str, Any], log
     return losses
 
 
-def world_accuracy(
-    model, tok: Any, world: ArithmeticWorld, num: int, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
-) -> dict[str, float]:
-    """Answer accuracy and true step-error rate of `model` on the world's first `num` test problems.
+def bootstrap_settings(world: Any = None, model: Any = None, sft: Any = None, seed: int | None = None) -> dict:
+    """The full, checked settings of a bootstrap (defaults filled in); their hash names the cached policy."""
+    w = world_config(world.to_dict() if hasattr(world, "to_dict") else world)
+    m = _merge(MODEL_DEFAULTS, model, "model")
+    s = _merge(SFT_DEFAULTS, sft, "sft")
+    if seed is not None:
+        s["seed"] = int(seed)
+    if m["model_type"] not in ("llama", "qwen2"):
+        raise ValueError(f"demo.model.model_type must be llama or qwen2, got {m['model_type']!r}")
+    return {"version": BOOTSTRAP_VERSION, "world": w, "model": m, "sft": s}
 
-    temperature 0 is greedy; 1.0 is what RL rollouts see.
-    """
-    from capo_jax.critic.rule import true_wrong_steps
-    from capo_jax.rewards.steps import split_steps
-    from capo_jax.sampling import SamplingParams, generate_text
 
-    tests = world.test_set()[:num]
-    params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
-    outs = generate_text(model, tok, [format_prompt(p.question) for p in tests], params, seed).texts
-    correct = [last_boxed(o) == p.answer for o, p in zip(outs, tests)]
-    step_err = []
-    for o in outs:
-        steps = split_steps(o) or [o]
-        step_err.append(len(true_wrong_steps(steps)) / len(steps))
-    return {"accuracy": float(np.mean(correct)), "step_error_rate": float(np.mean(step_err)), "num": len(tests)}
+def cache_root(cache_dir: str = "") -> str:
+    """The user cache folder: `cache_dir`, else $CAPO_JAX_CACHE, else $XDG_CACHE_HOME/capo_jax (~/.cache/capo_jax)."""
+    if cache_dir:
+        return os.path.abspath(os.path.expanduser(cache_dir))
+    if os.environ.get("CAPO_JAX_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["CAPO_JAX_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "capo_jax")
+
+
+def _finished(out_dir: str, digest: str) -> bool:
+    marker = os.path.join(out_dir, _MARKER)
+    if not os.path.exists(marker) or not os.path.exists(os.path.join(out_dir, "config.json")):
+        return False
+    try:
+        with open(marker) as f:
+            return json.load(f).get("settings_hash") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def cached_bootstrap(cache_dir: str = "", *, world: Any = None, model: Any = None, sft: Any = None,
+                     seed: int | None = None, log: Callable[[str], None] = print) -> str:
+    """The demo policy for these settings from the user cache (`cache_root(cache_dir)/bootstrap/<hash>`), trained
+    there first when missing. It is built in a private folder and renamed into place when done, so an interrupted or
+    concurrent build never leaves a half-written policy under the hash."""
+    digest = settings_hash(bootstrap_settings(world, model, sft, seed))
+    final = os.path.join(cache_root(cache_dir), "bootstrap", digest)
+    if _finished(final, digest):
+        log(f"[bootstrap] reusing the cached bootstrap {final}")
+        return final
+    partial = f"{final}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    bootstrap_policy(partial, world=world, model=model, sft=sft, seed=seed, log=log)
+    if os.path.isdir(final) and not _finished(final, digest):
+        shutil.rmtree(final, ignore_errors=True)  # a broken leftover under the hash
+    try:
+        os.rename(partial, final)
+    except OSError:  # another process finished the same settings first: use its copy
+        shutil.rmtree(partial, ignore_errors=True)
+        if not _finished(final, digest):
+            raise
+    log(f"[bootstrap] cached as {final}")
+    return final
 
 
 def bootstrap_policy(
@@ -183,22 +222,14 @@ def bootstrap_policy(
     """
     from capo_jax.models import Transformer, save_pretrained
 
-    w = world_config(world.to_dict() if hasattr(world, "to_dict") else world)
-    m = _merge(MODEL_DEFAULTS, model, "model")
-    s = _merge(SFT_DEFAULTS, sft, "sft")
-    if seed is not None:
-        s["seed"] = int(seed)
-    if m["model_type"] not in ("llama", "qwen2"):
-        raise ValueError(f"demo.model.model_type must be llama or qwen2, got {m['model_type']!r}")
-    settings = {"version": BOOTSTRAP_VERSION, "world": w, "model": m, "sft": s}
+    settings = bootstrap_settings(world, model, sft, seed)
+    w, m, s = settings["world"], settings["model"], settings["sft"]
     digest = settings_hash(settings)
     marker = os.path.join(out_dir, _MARKER)
+    if _finished(out_dir, digest):
+        log(f"[bootstrap] reusing the finished bootstrap in {out_dir} (settings {digest})")
+        return out_dir
     if os.path.exists(marker):
-        with open(marker) as f:
-            done = json.load(f)
-        if done.get("settings_hash") == digest and os.path.exists(os.path.join(out_dir, "config.json")):
-            log(f"[bootstrap] reusing the finished bootstrap in {out_dir} (settings {digest})")
-            return out_dir
         log(f"[bootstrap] {out_dir} holds a bootstrap with other settings: retraining")
         os.remove(marker)
 
@@ -218,13 +249,14 @@ def bootstrap_policy(
     train_s = time.perf_counter() - t0
     metrics: dict[str, Any] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "train_seconds": train_s}
     if int(s["num_eval"]) > 0:
-        n_eval, gen = int(s["num_eval"]), ids.shape[1]
-        greedy = world_accuracy(policy, tok, the_world, n_eval, gen)
-        sampled = world_accuracy(policy, tok, the_world, n_eval, gen, temperature=1.0, seed=int(s["seed"]))
-        metrics.update(greedy)
-        metrics.update({"sampled_accuracy": sampled["accuracy"], "sampled_step_error_rate": sampled["step_error_rate"]})
-        log(f"[bootstrap] held-out accuracy: greedy {greedy['accuracy']:.3f} (step errors {greedy['step_error_rate']:.3f}), "
-            f"sampled at T=1 {sampled['accuracy']:.3f} (step errors {sampled['step_error_rate']:.3f}) on {greedy['num']} problems")
+        from capo_jax.demo.heldout import evaluate_world
+
+        ev = evaluate_world(policy, tok, the_world, num_problems=int(s["num_eval"]), samples=2, temperature=1.0,
+                            max_new_tokens=ids.shape[1], seed=int(s["seed"]))
+        metrics.update(ev)
+        log(f"[bootstrap] held-out accuracy: greedy {ev['greedy_accuracy']:.3f} (step errors {ev['greedy_step_error_rate']:.3f}), "
+            f"sampled at T=1 {ev['sampled_accuracy']:.3f} (step errors {ev['sampled_step_error_rate']:.3f}) "
+            f"on {int(ev['problems'])} problems")
     save_pretrained(policy, out_dir)
     metrics["total_seconds"] = time.perf_counter() - t0
     with open(marker, "w") as f:

@@ -12,13 +12,20 @@ import numpy as np
 
 from capo_jax.metrics import read_metrics
 
-# The panels of `plot_run`: (title, [(metric key, label, style)]).
-RUN_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
-    ("answer accuracy", (("reward/outcome_accuracy", "train (rollouts)", "-"), ("eval/accuracy", "held-out eval (greedy)", "o-"))),
-    ("held-out wrong-step fraction", (("eval/step_error_rate", "eval: true wrong steps / steps", "o-"),)),
-    ("mean reward", (("reward/mean", "mean sequence reward", "-"),)),
-    ("fraction of tokens penalised", (("reward/frac_tokens_penalized", "tokens in voted-wrong steps", "-"),)),
+# The panels of `plot_run`: (title, y floor at 0, lines). A line is (metric key, label, kind): "eval" lines are
+# held-out evaluations drawn as points with their 95% interval (from `<key>_se` when logged; the step-0 row,
+# the policy before RL, is also drawn as a dashed reference line); "train" lines are per-step values, drawn
+# faint with a 10-step running mean over them.
+RUN_PANELS: tuple[tuple[str, bool, tuple[tuple[str, str, str], ...]], ...] = (
+    ("held-out answer accuracy", False, (("eval/sampled_accuracy", "sampled (rollout temperature)", "eval"),
+                                         ("eval/greedy_accuracy", "greedy", "eval"),
+                                         ("reward/outcome_accuracy", "training rollouts", "train"))),
+    ("mean sequence reward (training rollouts)", False, (("reward/mean", "reward", "train"),)),
+    ("held-out true wrong-step rate", True, (("eval/sampled_step_error_rate", "sampled", "eval"),
+                                             ("eval/greedy_step_error_rate", "greedy", "eval"))),
+    ("tokens in voted-wrong steps (training rollouts)", True, (("reward/frac_tokens_penalized", "fraction penalised", "train"),)),
 )
+SMOOTH = 10  # steps in the running mean of "train" lines
 
 MODE_COLORS = {"capo": "tab:blue", "grpo": "tab:orange", "genorm": "tab:green"}
 
@@ -43,33 +50,51 @@ def _pyplot():
     return plt
 
 
+def _draw(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, label: str, kind: str, color: str) -> bool:
+    """One line of a run panel; returns whether the metric was there."""
+    xs, ys = series(rows, key)
+    if not xs.size:
+        return False
+    if kind == "train":
+        ax.plot(xs, ys, "-", color=color, alpha=0.25, lw=1)
+        ax.plot(xs, _running_mean(ys, SMOOTH), "-", color=color, lw=1.5, label=f"{label} ({SMOOTH}-step mean)")
+        return True
+    se_x, se = series(rows, key + "_se")
+    err = 1.96 * np.asarray([dict(zip(se_x.tolist(), se.tolist())).get(int(x), 0.0) for x in xs])
+    ax.errorbar(xs, ys, yerr=err if se.size else None, fmt="o-", color=color, markersize=4, capsize=2, label=label)
+    if xs[0] == 0:
+        ax.axhline(ys[0], color=color, ls="--", lw=1, alpha=0.7, label=f"{label} before RL: {ys[0]:.3f}")
+    return True
+
+
 def plot_run(workdir: str, out_png: str | None = None) -> str:
-    """Plot a run's training curves from `<workdir>/metrics.jsonl` into a PNG (default `<workdir>/curves.png`); returns its path."""
+    """Plot a run's curves from `<workdir>/metrics.jsonl` into a PNG (default `<workdir>/curves.png`); returns its path.
+
+    Panels whose metrics are absent are left out; held-out evaluations carry 95% error bars and the step-0
+    evaluation (the policy before RL) as a dashed reference line."""
     rows = read_metrics(workdir)
     out_png = out_png or os.path.join(workdir, "curves.png")
-    panels = []
-    for title, lines in RUN_PANELS:
-        present = [(series(rows, key), label, style) for key, label, style in lines]
-        present = [p for p in present if p[0][0].size]
-        if present:
-            panels.append((title, present))
     plt = _pyplot()
-    n = max(len(panels), 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    present = [(title, floor, lines) for title, floor, lines in RUN_PANELS if any(series(rows, k)[0].size for k, _, _ in lines)]
+    n = max(len(present), 1)
     cols = 2 if n > 1 else 1
     nrows = -(-n // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 3.8 * nrows), squeeze=False)
     flat = axes.ravel()
-    for ax, (title, present) in zip(flat, panels):
-        for (xs, ys), label, style in present:
-            ax.plot(xs, ys, style, label=label, markersize=4)
-        ax.set_title(title)
+    for ax, (title, floor, lines) in zip(flat, present):
+        for i, (key, label, kind) in enumerate(lines):
+            _draw(ax, rows, key, label, kind, colors[i % len(colors)])
+        if floor:
+            ax.set_ylim(bottom=0.0, top=max(ax.get_ylim()[1], 0.25))
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if not panels:
+        ax.legend(fontsize=7)
+    if not present:
         flat[0].text(0.5, 0.5, f"no known metrics in {len(rows)} rows", ha="center", va="center")
         flat[0].set_axis_off()
-    for ax in flat[len(panels) if panels else 1:]:
+    for ax in flat[len(present) if present else 1:]:
         ax.set_axis_off()
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))
     fig.tight_layout()
@@ -80,7 +105,10 @@ def plot_run(workdir: str, out_png: str | None = None) -> str:
 
 
 def mean_band(curves: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, std) over curves at the steps every curve has (population std; 0 for one curve)."""
+    """(steps, mean, half-width of the 95% Student-t interval of the mean) over curves, at the steps every
+    curve has (half-width 0 for one curve)."""
+    from scipy import stats
+
     if not curves:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
     common = set(int(s) for s in curves[0][0])
@@ -90,7 +118,9 @@ def mean_band(curves: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[
     if not steps.size:
         return steps, np.zeros(0), np.zeros(0)
     stacked = np.stack([np.asarray([dict(zip(map(int, xs), ys))[int(s)] for s in steps], np.float64) for xs, ys in curves])
-    return steps, stacked.mean(0), stacked.std(0)
+    n = stacked.shape[0]
+    half = (stats.t.ppf(0.975, n - 1) * stacked.std(0, ddof=1) / np.sqrt(n)) if n > 1 else np.zeros(steps.size)
+    return steps, stacked.mean(0), half
 
 
 def _running_mean(ys: np.ndarray, window: int) -> np.ndarray:
@@ -104,51 +134,43 @@ def _running_mean(ys: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def plot_comparison(results: Mapping[str, Any], out_png: str) -> str:
-    """Plot eval accuracy, wrong-step fraction and train accuracy against step: mean over seeds per mode, +-1 std band.
+# Panels of `plot_comparison`: name -> (title, x key, y key of a run summary, running-mean window, y floor at 0).
+COMPARE_PANELS = {
+    "sampled": ("held-out accuracy, sampled at the rollout temperature", "eval_steps", "sampled_accuracy", 1, False),
+    "greedy": ("held-out accuracy, greedy", "greedy_steps", "greedy_accuracy", 1, False),
+    "wrong": ("held-out true wrong-step rate (sampled)", "wrong_steps", "wrong_step_rate", 1, True),
+    "reward": (f"training reward ({SMOOTH}-step running mean)", "train_steps", "train_reward", SMOOTH, False),
+}
 
-    `results` is the `compare.json` object: `runs` is a list of dicts with `mode`, `ok`, `eval_steps`,
-    `eval_accuracy`, `eval_wrong_step_frac`, `train_steps`, `train_outcome_accuracy`; optional
-    `bootstrap_eval` ({accuracy, step_error_rate}, drawn at step 0) and `threshold` (a dashed line).
-    """
-    runs = [r for r in results.get("runs", []) if r.get("ok")]
-    boot = results.get("bootstrap_eval") or {}
-    panels = (
-        ("held-out accuracy (greedy)", "eval_steps", "eval_accuracy", "accuracy", 1),
-        ("held-out wrong-step fraction", "eval_steps", "eval_wrong_step_frac", "step_error_rate", 1),
-        ("train outcome accuracy (5-step running mean)", "train_steps", "train_outcome_accuracy", None, 5),
-    )
+
+def plot_comparison(groups: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str, *, title: str = "",
+                    panels: Sequence[str] = ("sampled", "greedy", "wrong", "reward")) -> str:
+    """Mean curve over seeds of each group of runs (e.g. {"capo": [...], "grpo": [...]}) with its 95% band, one
+    panel per entry of `panels` (keys of COMPARE_PANELS); each run is a `compare.summarize_run` dict."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False)
-    modes = sorted({r["mode"] for r in runs})
-    for ax, (title, xkey, ykey, boot_key, window) in zip(axes[0], panels):
-        for mode in modes:
-            curves = []
-            for r in runs:
-                if r["mode"] != mode:
-                    continue
-                xs, ys = list(r.get(xkey) or []), list(r.get(ykey) or [])
-                if boot_key is not None and isinstance(boot.get(boot_key), (int, float)) and 0 not in xs:
-                    xs, ys = [0] + xs, [float(boot[boot_key])] + ys
-                if xs:
-                    curves.append((xs, _running_mean(np.asarray(ys, np.float64), window)))
-            steps, mean, std = mean_band(curves)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        name, xkey, ykey, window, floor = COMPARE_PANELS[panel]
+        for i, (label, runs) in enumerate(groups.items()):
+            curves = [(list(r.get(xkey) or []), _running_mean(np.asarray(r.get(ykey) or [], np.float64), window))
+                      for r in runs if r.get(xkey)]
+            steps, mean, half = mean_band(curves)
             if not steps.size:
                 continue
-            color = MODE_COLORS.get(mode)
-            ax.plot(steps, mean, "o-" if boot_key else "-", color=color, markersize=3,
-                    label=f"{mode} (n={len(curves)})")
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
-        if boot_key == "accuracy" and isinstance(results.get("threshold"), (int, float)):
-            ax.axhline(float(results["threshold"]), color="gray", ls="--", lw=1, label="threshold")
-        ax.set_title(title, fontsize=10)
+            color = MODE_COLORS.get(label, colors[i % len(colors)])
+            ax.plot(steps, mean, "o-" if window == 1 else "-", color=color, markersize=3, label=f"{label} (n={len(curves)})")
+            ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2)
+        if floor:
+            ax.set_ylim(bottom=0.0, top=max(ax.get_ylim()[1], 0.25))
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    if not runs:
+    if not any(groups.values()):
         axes[0][0].text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes[0][0].transAxes)
-    fig.suptitle("CAPO vs GRPO on the arithmetic demo: mean over seeds, band = +-1 std")
+    fig.suptitle((title + ": " if title else "") + "mean over seeds, band = 95% interval of the mean")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)

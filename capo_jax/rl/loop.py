@@ -62,12 +62,12 @@ def make_critic(config: ml_collections.ConfigDict, *, mesh: Any = None):
 
 
 def resolve_policy_path(config: ml_collections.ConfigDict, logger=print) -> str:
-    """The policy's HF folder: config.policy.path, or the demo policy bootstrapped into the workdir."""
+    """The policy's HF folder: config.policy.path, or the demo policy from the bootstrap cache (trained on first use)."""
     if config.policy.path:
         return config.policy.path
-    from capo_jax.demo.bootstrap import bootstrap_policy
+    from capo_jax.demo.bootstrap import cached_bootstrap
 
-    return bootstrap_policy(os.path.join(config.workdir, "bootstrap"), world=config.data.world.to_dict(),
+    return cached_bootstrap(str(config.demo.cache_dir), world=config.data.world.to_dict(),
                             model=config.demo.model.to_dict(), sft=config.demo.sft.to_dict(), log=logger)
 
 
@@ -437,19 +437,22 @@ class Run:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out evaluation hook: the arithmetic demo's answer accuracy and wrong-step rate."""
+        """Held-out evaluation of the arithmetic demo: sampled accuracy at the rollout temperature over
+        eval.num_problems x eval.samples pairs, greedy accuracy, true wrong-step rates, standard errors."""
         cfg = self.config
         if cfg.data.source != "arithmetic":
             return {}
-        try:
-            from capo_jax.data.arithmetic import ArithmeticWorld
-            from capo_jax.demo.bootstrap import world_accuracy
-        except ImportError:
-            return {}
-        max_new = int(cfg.eval.max_new_tokens) or int(cfg.rollout.max_new_tokens)
-        out = world_accuracy(self.model, self.tokenizer, ArithmeticWorld(cfg.data.world.to_dict()),
-                             int(cfg.eval.num_problems), max_new)
-        return {"eval/accuracy": float(out["accuracy"]), "eval/step_error_rate": float(out["step_error_rate"])}
+        from capo_jax.data.arithmetic import DEFAULT_TEMPLATE, ArithmeticWorld
+        from capo_jax.demo.heldout import evaluate_world
+
+        ev = cfg.eval
+        temperature = float(cfg.rollout.temperature) if float(ev.temperature) < 0 else float(ev.temperature)
+        out = evaluate_world(self.model, self.tokenizer, ArithmeticWorld(cfg.data.world.to_dict()),
+                             num_problems=int(ev.num_problems), samples=int(ev.samples), temperature=temperature,
+                             max_new_tokens=int(ev.max_new_tokens) or int(cfg.rollout.max_new_tokens),
+                             greedy=bool(ev.greedy), seed=int(cfg.seed), template=cfg.data.template or DEFAULT_TEMPLATE,
+                             mesh=self.mesh)
+        return {f"eval/{k}": v for k, v in out.items()}
 
     # -- the loop
 
@@ -471,6 +474,8 @@ class Run:
         try:
             if self.step >= total:
                 self._log(f"[train] already at step {self.step} of {total}: nothing to do")
+            elif self.step == 0 and int(cfg.eval.every) > 0:  # the starting policy's level, the reference for every eval
+                self.writer.write(0, self.evaluate())
             while self.step < stop_at and not self._stop_signal:
                 metrics = self.train_step()
                 skipped = metrics.get("train/skipped_updates", 0.0) > 0
