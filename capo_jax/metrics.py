@@ -48,6 +48,7 @@ def silence_torch_advisory() -> None:
 
 EVAL_PREFIX = "eval/"
 BOOTSTRAP_STEP = 0  # an evaluation logged at this step is the bootstrap's: the reference for later ones
+EVAL_SIZE_SUFFIXES = ("problems", "pairs")  # eval keys that count items (shown as integers, without a reference)
 
 
 def _scalar(value: Any) -> float | None:
@@ -163,12 +164,15 @@ def _fmt(values: Mapping[str, float], key: str) -> str:
 
 
 def eval_line(step: int, evals: Mapping[str, float], reference: Mapping[str, float] | None = None) -> str:
-    """`eval@20 accuracy_sampled 0.47±0.03 (bootstrap 0.38±0.03) ...`: every `eval/` value, its `_se` beside it,
-    and the bootstrap's (step 0) value of the same key as reference."""
+    """`eval@20 sampled_accuracy 0.47±0.03 (bootstrap 0.38±0.03) ...`: every `eval/` value, its `_se` beside it,
+    and the bootstrap's (step 0) value of the same key as reference (sizes such as `problems` stand alone)."""
     ref = reference if reference and step != BOOTSTRAP_STEP else {}
     parts = [f"eval@{step}" + (" (bootstrap)" if step == BOOTSTRAP_STEP else "")]
     for key in evals:
         if key.endswith("_se") and key[:-3] in evals:
+            continue
+        if key.endswith(EVAL_SIZE_SUFFIXES):  # how many problems / responses: a size, not a score
+            parts.append(f"{key[len(EVAL_PREFIX):]} {evals[key]:.0f}")
             continue
         part = f"{key[len(EVAL_PREFIX):]} {_fmt(evals, key)}"
         if key in ref:

@@ -84,15 +84,16 @@ def test_a_resumed_writer_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path)
 def test_every_eval_is_printed_with_the_bootstrap_as_reference_also_after_a_resume(tmp_path):
     work, stream = str(tmp_path), io.StringIO()
     w = MetricsWriter(work, total_steps=40, stream=stream, tensorboard=False, keep_through=-1)
-    w.write(0, {"eval/accuracy_sampled": 0.375, "eval/accuracy_sampled_se": 0.03, "eval/step_error_rate": 0.2})
+    w.write(0, {"eval/accuracy_sampled": 0.375, "eval/accuracy_sampled_se": 0.03, "eval/step_error_rate": 0.2,
+                "eval/sampled_pairs": 64.0})
     w.write(1, {"train/loss": 0.5})
     w.write(20, {"train/loss": 0.4, "eval/accuracy_sampled": 0.47, "eval/accuracy_sampled_se": 0.031,
-                 "eval/step_error_rate": 0.125, "eval/accuracy_greedy": 0.5})
+                 "eval/step_error_rate": 0.125, "eval/accuracy_greedy": 0.5, "eval/sampled_pairs": 64.0})
     w.close()
     lines = [line for line in stream.getvalue().splitlines() if line.startswith("eval@")]
-    assert lines == ["eval@0 (bootstrap) accuracy_sampled 0.375±0.03 step_error_rate 0.2",
+    assert lines == ["eval@0 (bootstrap) accuracy_sampled 0.375±0.03 step_error_rate 0.2 sampled_pairs 64",
                      "eval@20 accuracy_sampled 0.47±0.031 (bootstrap 0.375±0.03) step_error_rate 0.125 (bootstrap 0.2) "
-                     "accuracy_greedy 0.5"]
+                     "accuracy_greedy 0.5 sampled_pairs 64"]
     stream = io.StringIO()  # a resumed run reads the bootstrap row back from metrics.jsonl
     w = MetricsWriter(work, total_steps=40, stream=stream, tensorboard=False, keep_through=20)
     w.write(40, {"eval/accuracy_sampled": 0.5, "eval/step_error_rate": 0.1})

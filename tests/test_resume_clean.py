@@ -2,8 +2,8 @@
 
 The second run reports the broken checkpoint in one line, moves it aside, falls back to the one before, takes over
 the dead trainer's lock, drops the metrics rows logged after the restored step, and ends with every step in
-metrics.jsonl exactly once (the rows before the restored step byte for byte as first logged) and TensorBoard
-showing the same values.
+metrics.jsonl exactly once (the rows up to the restored step byte for byte as first logged) and TensorBoard
+showing the same values; the evaluation lines on screen carry the bootstrap's (step 0) numbers, read back.
 """
 import glob
 import json
@@ -78,17 +78,20 @@ def test_kill_9_then_rerun_logs_each_step_once(demo_policy, tmp_path):
     assert "taking over the stale lock" in out and f"pid {proc.pid}," in out
     assert "Traceback" not in out
     assert glob.glob(os.path.join(workdir, "checkpoints", f"{ckpt_lib.BROKEN_PREFIX}{broken}-*"))
-    assert f"eval@{TOTAL} " in out  # the evaluation's numbers on screen
+    evals = [line for line in out.splitlines() if line.startswith(f"eval@{TOTAL} ")]
+    assert evals and "(bootstrap " in evals[0]  # the eval's numbers on screen, the step-0 row read back as reference
     assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
 
     rows = read_jsonl(workdir)
-    assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))  # each step exactly once
+    assert [r["step"] for r in rows] == list(range(0, TOTAL + 1))  # each step exactly once (0: the bootstrap's eval)
     final_lines = _lines(workdir)
-    kept = [line for line, r in zip(first_lines, rows) if r["step"] <= restored]
-    assert final_lines[:restored] == kept == first_lines[:restored]  # before the restored step: as first logged
+    n = restored + 1  # rows 0..restored
+    assert [r["step"] for r in rows[:n]] == list(range(n))
+    assert final_lines[:n] == first_lines[:n]  # up to the restored step: byte for byte as first logged
     tb = tensorboard_scalars(os.path.join(workdir, "tb"))
-    for key in ("train/loss", "reward/outcome_accuracy"):
-        assert tb[key] == {r["step"]: [pytest.approx(r[key])] for r in rows}, key
+    for key in ("train/loss", "reward/outcome_accuracy", "eval/sampled_accuracy"):
+        want = {r["step"]: [pytest.approx(r[key])] for r in rows if r.get(key) is not None}
+        assert len(want) >= 2 and tb[key] == want, key
 
 
 def _lines(workdir):
