@@ -15,14 +15,14 @@ from capo_jax.checkpoint import POLICY_HF_DIR, CheckpointError, load_policy
 from capo_jax.metrics import silence_torch_advisory
 
 
-TORCH_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"  # pinned CPU wheel
+TORCH_INSTALL = "pip install torch==2.13.0"  # the pinned CPU wheel the project tests with (never unpinned)
 
 
 def load_hint(folder: str) -> str:
     """How to load an exported folder: in JAX with capo_jax, or in transformers (which needs PyTorch)."""
     return (f"load it in JAX with capo_jax.models.from_pretrained({folder!r}), or in PyTorch with "
             f"transformers.AutoModelForCausalLM.from_pretrained({folder!r}) after `{TORCH_INSTALL}` "
-            "(transformers needs PyTorch for models)")
+            "(transformers needs PyTorch for models; never install torch unpinned)")
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None) -> tuple[str, int]:
