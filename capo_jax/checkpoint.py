@@ -4,13 +4,20 @@ A checkpoint holds three items: `params` and `opt_state` (sharded arrays, restor
 shardings of a target) and `meta` (JSON: step, RNG key data, the data source's position, the
 host RNG streams). The workdir also keeps the run's config and the policy's Hugging Face config +
 tokenizer (`policy_hf/`), so `load_policy` and the export command need nothing else.
+
+A checkpoint that does not restore (a truncated array file, an empty metadata file, a missing
+item) raises `CheckpointError`, one line naming its step, path and the reason; `restore_newest`
+falls back to the newest one that restores and moves the broken ones aside (never deletes them).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Any, Mapping
+import sys
+import time
+import warnings
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -21,6 +28,58 @@ POLICY_HF_DIR = "policy_hf"
 CONFIG_FILE = "config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+BROKEN_PREFIX = "broken-"  # checkpoints/broken-<step>-<time>: a checkpoint moved aside (orbax lists only integer names)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not restore; the message is one line: its step, its path and the reason."""
+
+    def __init__(self, step: int, path: str, reason: str) -> None:
+        super().__init__(f"checkpoint step {step} at {path} does not restore: {reason}")
+        self.step, self.path, self.reason = step, path, reason
+
+
+def failure_reason(exc: BaseException, limit: int = 240) -> str:
+    """One line saying why a restore failed: the innermost cause's type and first line, without TensorStore's spec dump."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    inner = seen[-1]
+    text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    for cut in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(cut, 1)[0]
+    text = f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(limit - limit // 3 - 5):]
+
+
+def _late_callback_noise(unraisable: Any) -> bool:
+    """Whether an unraisable exception is TensorStore finishing a read for a restore that already failed: its
+    callback finds orbax's event loop closed. Harmless, and printed once per pending array otherwise."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py")))
+
+
+def _silence_late_callbacks() -> None:
+    """Drop `_late_callback_noise` from sys.unraisablehook (once per process; everything else still reaches the old
+    hook), and the warning about orbax's array reads that a failed restore leaves never awaited."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_capo_filter", False):
+        return
+    warnings.filterwarnings("ignore", message=r"coroutine '_read_array_index_and_device_put' was never awaited",
+                            category=RuntimeWarning)
+
+    def hook(unraisable: Any) -> None:
+        if not _late_callback_noise(unraisable):
+            previous(unraisable)
+
+    hook._capo_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _abstract(tree: Any) -> Any:
@@ -64,18 +123,85 @@ class Checkpointer:
             force=True,
         )
 
+    def step_path(self, step: int) -> str:
+        """The directory of checkpoint `step`."""
+        return os.path.join(self.directory, str(int(step)))
+
     def restore(self, step: int | None, params_like: Any, opt_state_like: Any | None = None) -> dict[str, Any]:
-        """Restore `step` (None: the latest) onto the shapes/shardings of the given trees; returns the items."""
+        """Restore `step` (None: the latest) onto the shapes/shardings of the given trees; returns the items.
+
+        Raises FileNotFoundError when there is no such step and CheckpointError when it does not restore.
+        """
         step = self.latest_step() if step is None else int(step)
         if step is None or step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; have {self.all_steps()}")
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
         if opt_state_like is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        out = {name: restored[name] for name in items}
+        _silence_late_callbacks()  # a failing restore leaves reads pending whose callbacks find the loop closed
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            out = {name: restored[name] for name in items}
+            if not isinstance(out["meta"], dict):
+                raise ValueError(f"meta is {type(out['meta']).__name__}, not a JSON object")
+        except Exception as exc:  # noqa: BLE001 - orbax/TensorStore raise many types; each means "does not restore"
+            raise CheckpointError(step, self.step_path(step), failure_reason(exc)) from exc
         if opt_state_like is not None:  # orbax returns namedtuples as tuples: put back optax's own node types
             out["opt_state"] = jax.tree.unflatten(jax.tree.structure(opt_state_like), jax.tree.leaves(out["opt_state"]))
+        return out
+
+    def move_aside(self, step: int) -> str:
+        """Rename checkpoint `step` to `broken-<step>-<time>` next to it (out of orbax's listing); returns the new path."""
+        src = self.step_path(step)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dst, n = os.path.join(self.directory, f"{BROKEN_PREFIX}{int(step)}-{stamp}"), 1
+        while os.path.exists(dst):
+            n += 1
+            dst = os.path.join(self.directory, f"{BROKEN_PREFIX}{int(step)}-{stamp}-{n}")
+        if os.path.exists(src):
+            os.rename(src, dst)
+        self.manager.reload()
+        return dst
+
+    def restore_newest(self, params_like: Any, opt_state_like: Any | None = None, *,
+                       check: Callable[[dict[str, Any]], None] | None = None, move_aside: bool = True,
+                       log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """The items of the newest checkpoint that restores (and passes `check`) plus its `step`; None when there is none.
+
+        Newer ones that fail are reported in one line each and, with `move_aside` (process 0 moves), renamed
+        to `broken-<step>-<time>`, so the run goes on from the good one and can save those steps again.
+        When none restores (more likely a changed config than corruption), nothing is moved and the
+        newest one's CheckpointError is raised.
+        """
+        log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        failed: list[CheckpointError] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                out = self._restore_checked(step, params_like, opt_state_like, check)
+            except CheckpointError as exc:
+                failed.append(exc)
+                continue
+            for exc in failed:
+                moved = f"; moved aside to {self.move_aside(exc.step)}" if move_aside and jax.process_index() == 0 else ""
+                log(f"[checkpoint] {exc}{moved}")
+            if failed:
+                log(f"[checkpoint] falling back to step {step}, the newest checkpoint that restores")
+            return {**out, "step": step}
+        if failed:
+            newest = failed[0]
+            others = f" (nor do steps {', '.join(str(e.step) for e in failed[1:])})" if failed[1:] else ""
+            raise CheckpointError(newest.step, newest.path, f"{newest.reason}{others}; if the config changed, use a new "
+                                  f"workdir, else move the broken checkpoints out of {self.directory}")
+        return None
+
+    def _restore_checked(self, step: int, params_like: Any, opt_state_like: Any | None,
+                         check: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        out = self.restore(step, params_like, opt_state_like)
+        if check is not None:
+            try:
+                check(out)
+            except Exception as exc:  # noqa: BLE001 - a checkpoint whose contents fail the check is broken too
+                raise CheckpointError(step, self.step_path(step), failure_reason(exc)) from exc
         return out
 
     def wait(self) -> None:
@@ -132,11 +258,14 @@ def load_run_config(workdir: str) -> dict:
         return json.load(f)
 
 
-def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
+def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+                log: Callable[[str], None] | None = None):
     """The trained policy (an NNX `Transformer`) from a workdir's checkpoint `step` (None: the latest), and the step.
 
     `dtype` is the compute dtype (default: the run's); parameters keep the run's master dtype. With
     `mesh`, parameters are restored straight onto their policy-rule shardings; else onto one device.
+    With `step` None a checkpoint that does not restore is reported (through `log`) and the one before
+    it is used; an explicit `step` that does not restore raises CheckpointError.
     """
     from flax import nnx
 
@@ -164,10 +293,13 @@ def load_policy(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mes
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), target)
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (python -m capo_jax.train ...)")
-        params = ckpt.restore(step, target)["params"]
+        if step is not None:
+            params = ckpt.restore(int(step), target)["params"]  # an explicit step that does not restore raises, one line
+        else:
+            if ckpt.latest_step() is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (python -m capo_jax.train ...)")
+            restored = ckpt.restore_newest(target, move_aside=False, log=log)  # a reader: reports, never moves
+            params, step = restored["params"], restored["step"]
     finally:
         ckpt.close()
     nnx.replace_by_pure_dict(params_state, params)

@@ -29,6 +29,37 @@ CRITIC_BACKENDS = ("genprm", "rule")
 RULE_SETS = ("policy", "inference")
 
 
+# One line per config section, shown by `python -m capo_jax.train --help` (a test keeps it in step with the schema).
+SECTION_HELP = {
+    "policy": "the model being trained: its Hugging Face folder (empty for the demo), master dtype, remat",
+    "reference": "the frozen reference of the KL term (loaded only when rl.kl_coef > 0)",
+    "mesh": "the device mesh (data x fsdp x tensor) and each role's logical-axis rules",
+    "rollout": "sampling: prompts per step P, responses per prompt G, temperature, prompt and response lengths",
+    "critic": "the step critic: a GenPRM model folder (or the demo's rule critic), critiques per response M, vote",
+    "reward": "reward mode (capo | grpo | genorm), outcome and step-penalty weights, normalisation, steps, verifier",
+    "rl": "the PPO-clip update: epochs, mini- and micro-batches, clip range, dual clip, KL, loss aggregation",
+    "optim": "AdamW, the learning-rate schedule, gradient clipping, the compute dtype",
+    "data": "training prompts: source (arithmetic | hf | local | tfds), path, fields, template, the arithmetic world",
+    "demo": "the embedded demo's bootstrap: the tiny model's shape and its supervised phase",
+    "checkpoint": "orbax checkpoints: every N steps, keep the last K, in the background",
+    "logging": "metrics: TensorBoard, workdir/metrics.jsonl, the progress bar",
+    "finish": "end-of-run outputs: a Hugging Face export and a PNG of the curves",
+    "eval": "held-out evaluation during training: every N steps, how many problems, response budget",
+}
+
+
+def describe_sections(config: ml_collections.ConfigDict | None = None) -> list[tuple[str, str]]:
+    """(name, one line) for the top-level keys (as one entry) and then each section, in SECTION_HELP's order."""
+    config = get_default_config() if config is None else config
+    sections = {k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)}
+    missing = sorted(sections - set(SECTION_HELP))
+    if missing:
+        raise KeyError(f"config sections {missing} have no line in SECTION_HELP (capo_jax/config.py): add one each")
+    top = [k for k in config.keys() if k not in sections]
+    out = [(", ".join(top), "run-wide: seed, steps, workdir, early stop, multi-host start")] if top else []
+    return out + [(k, line) for k, line in SECTION_HELP.items() if k in sections]
+
+
 class ConfigError(ValueError):
     """A config problem found at start-up; the message names the key and the fix."""
 
@@ -126,6 +157,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.rl.micro_batch_size = 8  # sequences per forward/backward; gradients accumulate exactly over a mini-batch
     c.rl.clip_low = 0.2  # PPO ratio clip below: 1 - clip_low
     c.rl.clip_high = 0.2  # PPO ratio clip above: 1 + clip_high
+    c.rl.clip_ratio_c = 0.0  # dual clip (verl): for A < 0 the loss is capped at -A * c, c > 1 (e.g. 3.0); 0 = off
     c.rl.kl_coef = 0.0  # beta of the KL to the reference (0 = no reference model loaded)
     c.rl.kl_estimator = "k3"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || pi_ref))
     c.rl.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean (GRPO) | seq_mean_token_sum_norm (Dr.GRPO)
@@ -393,6 +425,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                        ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep", config.checkpoint.keep)):
         if int(value) < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    c_dual = float(config.rl.clip_ratio_c)
+    if c_dual != 0.0 and not c_dual > 1.0:
+        raise ConfigError(f"rl.clip_ratio_c={c_dual}: the dual clip needs c > 1 (verl uses 3.0); set --config.rl.clip_ratio_c=0 to turn it off")
     if int(config.eval.num_problems) < 1 or int(config.eval.samples) < 0:
         raise ConfigError(f"eval.num_problems={config.eval.num_problems} must be >= 1 and eval.samples={config.eval.samples} >= 0")
     if not (float(config.eval.temperature) == -1.0 or float(config.eval.temperature) >= 0.0):

@@ -3,11 +3,15 @@
     python -m capo_jax.evaluate --model PATH --benchmarks math500,gsm8k,aime24,amc23 \\
         [--data_dir DIR] [--num_samples 8 --temperature 1.0] [--output results.json]
 
+    python -m capo_jax.evaluate --model runs/demo --benchmarks arithmetic   # the demo's held-out problems
+
 `--model` is a Hugging Face folder (config.json + safetensors + tokenizer) or a training workdir
-(its orbax checkpoint `--step`, default the latest, through `capo_jax.export.load_policy`). Benchmarks come from
-`--data_dir/<name>.jsonl|json|parquet` when present, else from the hub; `file:<path>` scores any
-local question/answer file (fields from `--question_field` / `--answer_field`). Prints a table
-and writes a JSON file with every setting and metric.
+(its orbax checkpoint `--step`, default the latest, through `capo_jax.export.load_policy`); from a
+workdir the prompt template, chat settings, response budget and the arithmetic world come from
+the run's stored config unless given here. Benchmarks come from `--data_dir/<name>.jsonl|json|parquet`
+when present, else from the hub; `arithmetic` is the demo world's held-out split; `file:<path>`
+scores any local question/answer file (fields from `--question_field` / `--answer_field`).
+`--template` reads `\n` as a newline. Prints a table and writes a JSON file with every setting and metric.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from capo_jax.data.benchmarks import REGISTRY, Benchmark, Item, load_benchmark, local_benchmark
-from capo_jax.data.templates import check_template, encode_prompt, render_prompt
+from capo_jax.data.benchmarks import ARITHMETIC, REGISTRY, Benchmark, Item, load_benchmark, local_benchmark
+from capo_jax.data.templates import check_template, encode_prompt, literal_newline_warning, read_escapes, render_prompt
+from capo_jax.metrics import silence_torch_advisory
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -73,16 +78,51 @@ def score_benchmark(
     return out
 
 
+def is_workdir(path: str) -> bool:
+    """Whether `path` is a capo_jax training workdir (it holds policy_hf/config.json) rather than a model folder."""
+    from capo_jax.checkpoint import POLICY_HF_DIR
+
+    return os.path.isfile(os.path.join(path, POLICY_HF_DIR, "config.json"))
+
+
+DEFAULT_MAX_NEW_TOKENS = 1024  # response budget of a Hugging Face folder (a workdir's comes from its config)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """How prompts are written and how long responses may be: from the command line, else the run's stored config."""
+
+    template: str  # "" = each benchmark's own default
+    use_chat_template: bool
+    system_prompt: str
+    max_new_tokens: int
+    world: dict | None  # the arithmetic world's knobs (None: the defaults)
+
+
+def prompt_settings(args: argparse.Namespace, run: dict | None) -> PromptSettings:
+    """Resolve the prompt settings: a command-line value wins; else the training run's (`run`: its config.json); else defaults.
+
+    A command-line template has its escapes read (`\\n` -> newline)."""
+    data = (run or {}).get("data", {})
+    budget = int((run or {}).get("eval", {}).get("max_new_tokens", 0) or 0) or int((run or {}).get("rollout", {}).get("max_new_tokens", 0) or 0)
+    return PromptSettings(
+        template=read_escapes(args.template) if args.template else str(data.get("template", "") or ""),
+        use_chat_template=bool(data.get("use_chat_template", False)) if args.use_chat_template is None else args.use_chat_template,
+        system_prompt=str(data.get("system_prompt", "") or "") if args.system_prompt is None else args.system_prompt,
+        max_new_tokens=args.max_new_tokens or budget or DEFAULT_MAX_NEW_TOKENS,
+        world=dict(data["world"]) if isinstance(data.get("world"), dict) else None,
+    )
+
+
 def load_model(path: str, *, step: int | None = None, dtype: str = "float32"):
     """(model, tokenizer, step) from a Hugging Face folder (step None), or a training workdir's orbax checkpoint."""
     from transformers import AutoTokenizer
 
     from capo_jax.export import POLICY_HF_DIR, load_policy
 
-    hf_dir = os.path.join(path, POLICY_HF_DIR)
-    if os.path.isfile(os.path.join(hf_dir, "config.json")):  # a workdir (its own config.json is the run's)
+    if is_workdir(path):  # (a workdir's own config.json is the run's)
         model, step = load_policy(path, step, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(hf_dir), int(step)
+        return model, AutoTokenizer.from_pretrained(os.path.join(path, POLICY_HF_DIR)), int(step)
     if os.path.isfile(os.path.join(path, "config.json")):
         from capo_jax.models import from_pretrained
 
@@ -131,21 +171,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face folder, or a training workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
     p.add_argument("--benchmarks", default="math500,gsm8k,aime24,amc23",
-                   help=f"comma list of {sorted(REGISTRY)} or file:<path>")
+                   help=f"comma list of {sorted(REGISTRY) + [ARITHMETIC]} or file:<path>")
     p.add_argument("--data_dir", default="", help="folder with <benchmark>.jsonl/.json/.parquet (else the hub)")
     p.add_argument("--question_field", default="question", help="question field of file: benchmarks")
     p.add_argument("--answer_field", default="answer", help="answer field of file: benchmarks")
     p.add_argument("--answer_format", default="math", choices=("math", "choice"), help="for file: benchmarks")
     p.add_argument("--reference_format", default="raw", choices=("raw", "gsm8k", "boxed"), help="for file: benchmarks")
-    p.add_argument("--template", default="", help="prompt format string with {question}; default per answer format")
-    p.add_argument("--use_chat_template", action="store_true", help="wrap prompts with the tokenizer's chat template")
-    p.add_argument("--system_prompt", default="", help="system message for the chat template")
+    p.add_argument("--template", default="", help="prompt format string with {question} (\\n reads as a newline); "
+                   "default: a workdir's training template, else each benchmark's own")
+    p.add_argument("--use_chat_template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts with the tokenizer's chat template (default: a workdir's training setting, else off)")
+    p.add_argument("--system_prompt", default=None, help="system message for the chat template (default: a workdir's, else none)")
     p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")
     p.add_argument("--greedy", type=int, default=1, choices=(0, 1), help="1: greedy pass@1")
     p.add_argument("--num_samples", type=int, default=0, help="n sampled responses per item for avg@n / pass@k (0 = none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--max_new_tokens", type=int, default=1024, help="response budget")
+    p.add_argument("--max_new_tokens", type=int, default=0,
+                   help=f"response budget (0: a workdir's evaluation budget, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--max_prompt_tokens", type=int, default=2048, help="longer prompts are skipped and counted")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
     p.add_argument("--data_parallel", type=int, default=1, help="devices to spread rows over (-1: all; 1: no mesh)")
@@ -159,15 +202,32 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation described by `argv`; returns the JSON-able results it wrote."""
+    silence_torch_advisory()
     args = _parser().parse_args(argv)
     if not args.greedy and args.num_samples <= 0:
         raise SystemExit("nothing to do: pass --greedy 1 and/or --num_samples N")
-    if args.template:
-        check_template(args.template)
+    from capo_jax.checkpoint import load_run_config
+
+    run = load_run_config(args.model) if is_workdir(args.model) else None
+    ps = prompt_settings(args, run)
+    if ps.template:
+        check_template(ps.template)
+        warning = literal_newline_warning(ps.template)
+        if warning:
+            print(f"[evaluate] warning: {warning}", file=sys.stderr, flush=True)
+    if run is not None:
+        print(f"[evaluate] prompt template, chat settings, response budget ({ps.max_new_tokens}) and arithmetic world "
+              f"not given here come from {os.path.join(args.model, 'config.json')}", flush=True)
     from capo_jax.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    model, tok, step = load_model(args.model, step=args.step, dtype=args.dtype)
+    from capo_jax.checkpoint import CheckpointError
+
+    try:
+        model, tok, step = load_model(args.model, step=args.step, dtype=args.dtype)
+    except (FileNotFoundError, CheckpointError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     mesh = None
     if args.data_parallel != 1:
         import jax
@@ -189,13 +249,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 spec[5:], question_field=args.question_field, answer_field=args.answer_field,
                 answer_format=args.answer_format, reference_format=args.reference_format, limit=args.limit)
         else:
-            bench, items, skipped = load_benchmark(spec, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
-        template = args.template or bench.template
+            bench, items, skipped = load_benchmark(spec, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+                                                   world=ps.world)
+        template = ps.template or bench.template
         prompts, kept = [], []
         for it in items:
-            text = render_prompt(it.question, template, tokenizer=tok, use_chat_template=args.use_chat_template,
-                                 system_prompt=args.system_prompt)
-            ids = encode_prompt(tok, text, use_chat_template=args.use_chat_template)
+            text = render_prompt(it.question, template, tokenizer=tok, use_chat_template=ps.use_chat_template,
+                                 system_prompt=ps.system_prompt)
+            ids = encode_prompt(tok, text, use_chat_template=ps.use_chat_template)
             if len(ids) <= args.max_prompt_tokens:
                 prompts.append(ids)
                 kept.append(it)
@@ -204,15 +265,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"benchmark {bench.name}: every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
         greedy = samples = None
         if args.greedy:
-            params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+            params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ps.max_new_tokens)
             greedy = [r[0] for r in _generate(model, tok, prompts, params, args.seed, args.batch_size, mesh)]
         if args.num_samples > 0:
             params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens)
+                                    max_new_tokens=ps.max_new_tokens)
             samples = _generate(model, tok, prompts, params, args.seed + 1, args.batch_size, mesh)
         r = score_benchmark(bench, kept, greedy, samples, timeout=args.timeout)
-        r.update(domain=bench.domain, skipped_malformed=skipped, skipped_too_long=too_long,
-                 seconds=time.perf_counter() - tb)
+        r.update(domain=bench.domain, skipped_malformed=skipped, skipped_too_long=too_long, template=template,
+                 use_chat_template=ps.use_chat_template, max_new_tokens=ps.max_new_tokens, seconds=time.perf_counter() - tb)
         results[bench.name] = r
         if args.save_responses:
             responses[bench.name] = [

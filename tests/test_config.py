@@ -115,3 +115,17 @@ def test_demo_config_validates():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         C.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("c_dual,ok", [(0.0, True), (3.0, True), (1.01, True), (1.0, False), (0.5, False), (-3.0, False)])
+def test_dual_clip_needs_c_above_one_or_zero(tmp_path, c_dual, ok):
+    from capo_jax.rl.train_step import StepOptions
+
+    c = _valid(tmp_path)
+    c.rl.clip_ratio_c = c_dual
+    if ok:
+        C.validate(c)
+        assert StepOptions.from_config(c).clip_ratio_c == c_dual
+    else:
+        with pytest.raises(C.ConfigError, match=r"rl.clip_ratio_c=.*needs c > 1.*clip_ratio_c=0 to turn it off"):
+            C.validate(c)

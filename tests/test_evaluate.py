@@ -151,3 +151,102 @@ def test_cli_reads_a_training_workdir_like_its_hf_folder(tiny_model, tmp_path):
 def test_cli_rejects_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ValueError, match="neither config.json"):
         main(["--model", str(tmp_path), "--benchmarks", "gsm8k", "--data_dir", BENCH_DIR, "--output", ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic benchmark, settings from a training workdir, templates typed in a shell
+
+
+def test_arithmetic_benchmark_is_the_world_test_split_and_the_verifier_scores_its_solutions():
+    from capo_jax.data.arithmetic import ArithmeticWorld
+    from capo_jax.data.benchmarks import ARITHMETIC
+
+    world = {"seed": 3, "num_test": 12, "max_ops": 3}
+    bench, items, skipped = load_benchmark("arithmetic", world=world)
+    tests = ArithmeticWorld(world).test_set()
+    assert bench.name == ARITHMETIC and skipped == 0 and bench.template == "{question}\n"
+    assert [(it.question, it.reference) for it in items] == [(p.question, p.answer) for p in tests]
+    assert len(load_benchmark("arithmetic", world=world, limit=5)[1]) == 5
+    assert [it.question for it in load_benchmark("arithmetic")[1]] == [p.question for p in ArithmeticWorld().test_set()]
+    right = score_benchmark(bench, items, [p.solution for p in tests], None)
+    wrong = score_benchmark(bench, items, [p.solution_with([v + 1 for v in p.values]) for p in tests], None)
+    assert right["pass@1_greedy"] == 1.0 and wrong["pass@1_greedy"] == 0.0
+
+
+def _workdir(tiny_model, path, **data):
+    import optax
+    from flax import nnx
+
+    from capo_jax import checkpoint as ckpt_lib
+    from capo_jax.config import get_default_config
+    from capo_jax.models import from_pretrained
+
+    cfg = get_default_config()
+    cfg.data.world.seed, cfg.data.world.num_test = 4, 5
+    cfg.eval.max_new_tokens = 6
+    for key, value in data.items():
+        cfg.data[key] = value
+    model = from_pretrained(tiny_model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    ckpt_lib.save_run_files(str(path), cfg.to_dict(), tiny_model, model.config.to_hf())
+    ck = ckpt_lib.Checkpointer(str(path), async_save=False)
+    ck.save(1, params, optax.sgd(0.1).init(params), {"step": 1})
+    ck.close()
+    return str(path)
+
+
+def test_a_workdir_brings_its_world_template_and_budget(tiny_model, tmp_path, capsys):
+    from capo_jax.data.arithmetic import ArithmeticWorld
+
+    work = _workdir(tiny_model, tmp_path / "work", template="Q: {question}\nA:")
+    report = main(["--model", work, "--benchmarks", "arithmetic", "--output", "", "--save_responses", "--batch_size", "8"])
+    r = report["results"]["arithmetic"]
+    assert r["template"] == "Q: {question}\nA:" and r["max_new_tokens"] == 6 and r["use_chat_template"] is False
+    questions = [row["question"] for row in report["responses"]["arithmetic"]]
+    assert questions == [p.question for p in ArithmeticWorld({"seed": 4, "num_test": 5}).test_set()]
+    assert "come from" in capsys.readouterr().out
+    # a command-line template wins, with its escapes read as a shell passes them (backslash, n)
+    report = main(["--model", work, "--benchmarks", "arithmetic", "--output", "", "--template", "{question}\\n",
+                   "--max_new_tokens", "4", "--batch_size", "8"])
+    r = report["results"]["arithmetic"]
+    assert r["template"] == "{question}\n" and r["max_new_tokens"] == 4
+    assert "literal backslash-n" not in capsys.readouterr().err
+
+    from capo_jax.evaluate import _parser, prompt_settings
+
+    chat = {"data": {"use_chat_template": True, "system_prompt": "Be brief."}}
+    assert prompt_settings(_parser().parse_args(["--model", "m"]), chat).use_chat_template is True
+    off = prompt_settings(_parser().parse_args(["--model", "m", "--no-use_chat_template", "--system_prompt", ""]), chat)
+    assert off.use_chat_template is False and off.system_prompt == ""
+    assert prompt_settings(_parser().parse_args(["--model", "m"]), None).max_new_tokens == 1024
+
+
+def test_a_template_still_holding_a_literal_backslash_n_warns(tiny_model, tmp_path, capsys):
+    report = main(["--model", tiny_model, "--benchmarks", "arithmetic", "--limit", "2", "--output", "",
+                   "--template", "{question}\\\\n", "--max_new_tokens", "2"])  # typed \\n: a literal backslash-n
+    assert report["results"]["arithmetic"]["template"] == "{question}\\n"
+    err = capsys.readouterr().err
+    assert "warning" in err and "literal backslash-n" in err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab{}\\\nt\tnqé ")), max_size=30))
+def test_read_escapes_inverts_shell_escaping(text):
+    """Writing backslashes as \\\\, newlines as \\n and tabs as \\t (what a user types) reads back to the text."""
+    from capo_jax.data.templates import read_escapes
+
+    typed = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    if "\t" in text and any(typed[i:i + 2] == "\\t" and typed[i + 2:i + 3].islower() for i in range(len(typed))):
+        return  # \t before a lower-case letter is kept for LaTeX (\text, \times): not invertible, by design
+    assert read_escapes(typed) == text
+
+
+def test_read_escapes_keeps_latex():
+    from capo_jax.data.templates import MATH_TEMPLATE, literal_newline_warning, read_escapes
+
+    assert read_escapes(MATH_TEMPLATE) == MATH_TEMPLATE
+    assert read_escapes("{question}\\nUse \\text{x}, \\times, \\frac{a}{b} and \\boxed{{}}.") == \
+        "{question}\nUse \\text{x}, \\times, \\frac{a}{b} and \\boxed{{}}."
+    assert read_escapes("a\\t1\\tB") == "a\t1\tB" and read_escapes("\\tb") == "\\tb"
+    assert read_escapes("no escapes") == "no escapes"
+    assert literal_newline_warning("{question}\n") is None and literal_newline_warning("{question}\\n")

@@ -60,6 +60,17 @@ def test_export_loads_in_transformers_with_same_logits(workdir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_export_says_how_to_load_the_folder_and_the_jax_way_works(workdir, tmp_path, capsys):
+    work, params = workdir
+    out = str(tmp_path / "hf")
+    assert export_mod.main(["--workdir", work, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"capo_jax.models.from_pretrained({out!r})" in printed and "pip install torch==2.13.0" in printed
+    loaded = from_pretrained(out)  # the first way the message names, no PyTorch involved
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_export_an_earlier_step_and_errors(workdir, tmp_path):
     work, _ = workdir
     model, step = ckpt_lib.load_policy(work, step=3)

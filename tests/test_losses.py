@@ -92,3 +92,104 @@ def test_kl_estimators_are_nonnegative_where_expected_and_zero_at_equality():
     assert (np.asarray(losses.kl_estimate(logp, ref, "k3")) > 0).all()
     with pytest.raises(ValueError, match="k1, k2 or k3"):
         losses.kl_estimate(logp, ref, "k4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical safety: clamped log-ratio, selected (not multiplied) aggregation, verl's dual clip
+
+
+def _np_ppo(logp, old, adv, clip_low, clip_high, c):
+    """verl's core_algos convention, token by token in float64: (per-token loss, d loss / d logp)."""
+    per, grad = np.zeros(logp.shape), np.zeros(logp.shape)
+    for i in np.ndindex(logp.shape):
+        lr = min(max(float(logp[i]) - float(old[i]), -20.0), 20.0)
+        r, a = np.exp(lr), float(adv[i])
+        inside = abs(float(logp[i]) - float(old[i])) < 20.0  # the clamp passes the gradient only inside
+        pg1, pg2 = -a * r, -a * min(max(r, 1 - clip_low), 1 + clip_high)
+        loss, g = (pg1, -a * r if inside else 0.0) if pg1 >= pg2 else (pg2, 0.0)
+        if c and a < 0 and -a * c < loss:
+            loss, g = -a * c, 0.0
+        per[i], grad[i] = loss, g
+    return per, grad
+
+
+def _loss_and_grad(logp, old, adv, mask, c=0.0, **kw):
+    denoms = losses.minibatch_denominators(jnp.asarray(mask))
+
+    def f(lp):
+        return losses.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), denoms, agg="token_mean",
+                                  clip_low=0.2, clip_high=0.2, clip_ratio_c=c, **kw)[0]
+
+    loss, grad = jax.value_and_grad(f)(jnp.asarray(logp))
+    return float(loss), np.asarray(grad)
+
+
+def test_log_ratio_95_gives_a_finite_gradient_for_a_positive_advantage():
+    logp = np.array([[-5.0, -1.0]], np.float32)
+    old = np.array([[-100.0, -1.2]], np.float32)  # log-ratio 95 on the first token
+    adv = np.array([[1.5, 0.7]], np.float32)
+    mask = np.ones_like(logp)
+    naive = jax.grad(lambda lp: jnp.maximum(-adv * jnp.exp(lp - old), -adv * jnp.clip(jnp.exp(lp - old), 0.8, 1.2)).sum())
+    assert np.isnan(np.asarray(naive(jnp.asarray(logp)))).any()  # the unclamped ratio: exp(95) = inf, 0 * inf = NaN
+    loss, grad = _loss_and_grad(logp, old, adv, mask)
+    per, want = _np_ppo(logp, old, adv, 0.2, 0.2, 0.0)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, per.mean(), rtol=1e-6)
+    np.testing.assert_allclose(grad, want / mask.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_log_ratio_95_gives_a_finite_loss_for_a_negative_advantage_and_the_dual_clip_caps_it():
+    logp = np.array([[-5.0, -1.0]], np.float32)
+    old = np.array([[-100.0, -1.0]], np.float32)
+    adv = np.array([[-2.0, 0.5]], np.float32)
+    mask = np.ones_like(logp)
+    loss, grad = _loss_and_grad(logp, old, adv, mask)
+    per, want = _np_ppo(logp, old, adv, 0.2, 0.2, 0.0)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    np.testing.assert_allclose(per[0, 0], 2.0 * np.exp(20.0))  # clamped at e^20, not inf
+    np.testing.assert_allclose(loss, per.mean(), rtol=1e-6)
+    np.testing.assert_allclose(grad, want / 2, rtol=1e-5, atol=1e-7)
+    loss_c, grad_c = _loss_and_grad(logp, old, adv, mask, c=3.0)
+    per_c, want_c = _np_ppo(logp, old, adv, 0.2, 0.2, 3.0)
+    np.testing.assert_allclose(per_c[0, 0], 2.0 * 3.0)  # capped at -A * c
+    np.testing.assert_allclose(loss_c, per_c.mean(), rtol=1e-6)
+    np.testing.assert_allclose(grad_c, want_c / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("c", [0.0, 1.5, 3.0])
+def test_dual_clip_matches_verl_convention_token_by_token(c):
+    r = np.random.default_rng(11)
+    logp = r.normal(-1.5, 0.5, (6, 9)).astype(np.float32)
+    old = (logp - r.uniform(-3, 3, logp.shape)).astype(np.float32)  # ratios from e^-3 to e^3: both clips bind somewhere
+    adv = r.normal(0, 1, logp.shape).astype(np.float32)
+    per, parts = losses.ppo_token_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), clip_low=0.2, clip_high=0.28,
+                                       clip_ratio_c=c)
+    want, want_grad = _np_ppo(logp, old, adv, 0.2, 0.28, c)
+    np.testing.assert_allclose(np.asarray(per), want, rtol=2e-5, atol=1e-6)
+    grad = jax.grad(lambda lp: losses.ppo_token_loss(lp, jnp.asarray(old), jnp.asarray(adv), clip_low=0.2, clip_high=0.28,
+                                                     clip_ratio_c=c)[0].sum())(jnp.asarray(logp))
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=2e-5, atol=1e-6)
+    capped = (adv < 0) & (want == -adv * c)
+    assert (capped.any() if c else not capped.any())  # the inputs exercise the dual clip when it is on
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_values_in_padded_positions_leave_the_loss_and_gradient_finite(bad):
+    logp, old, ref, adv, mask = _inputs(seed=5)
+    pad = mask == 0
+    dirty = [x.copy() for x in (logp, old, ref, adv)]
+    for x in dirty:
+        x[pad] = bad
+    clean = [np.where(pad, 0.0, x).astype(np.float32) for x in (logp, old, ref, adv)]
+    kw = dict(kl_coef=0.1, kl_estimator="k3")
+    loss, grad = _loss_and_grad(dirty[0], dirty[1], dirty[3], mask, ref_logp=jnp.asarray(dirty[2]), **kw)
+    want, want_grad = _loss_and_grad(clean[0], clean[1], clean[3], mask, ref_logp=jnp.asarray(clean[2]), **kw)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, _np_loss(logp, old, ref, adv, mask, "token_mean", 0.2, 0.2, 0.1, "k3"), rtol=1e-5)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_array_equal(grad, want_grad)
+    assert (grad[pad] == 0).all()
+    # aggregate alone: an inf where the weight is 0 is selected out (inf * 0 would be NaN)
+    per = np.where(pad, bad, 1.0).astype(np.float32)
+    w = mask / mask.sum()
+    assert float(losses.aggregate(jnp.asarray(per), jnp.asarray(w))) == pytest.approx(1.0)

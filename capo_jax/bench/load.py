@@ -1,6 +1,8 @@
-"""Load-time benchmark: `python -m capo_jax.bench.load` times `from_pretrained` on a random checkpoint of
-Qwen2.5-0.5B's shape, next to the floor (reading every tensor byte) and transformers' own loader (when torch
-is installed). The checkpoint is written to a temporary folder and removed afterwards."""
+"""Load-time benchmark: `from_pretrained` on a random Qwen2.5-0.5B-shaped checkpoint, against the floor and transformers.
+
+`python -m capo_jax.bench load` times `from_pretrained` on a random checkpoint of Qwen2.5-0.5B's shape,
+next to the floor (reading every tensor byte) and transformers' own loader (when torch is installed).
+The checkpoint is written to a temporary folder and removed afterwards."""
 from __future__ import annotations
 
 import argparse
@@ -103,7 +105,8 @@ def read_floor(folder: pathlib.Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m capo_jax.bench load", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype stored in the random checkpoint (float32: ~2 GB for 0.5B)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="from_pretrained dtypes to time")

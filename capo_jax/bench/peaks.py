@@ -88,7 +88,7 @@ def measure_peaks(quick: bool = False) -> Peaks:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capo_jax.bench.peaks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m capo_jax.bench peaks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller buffers, fewer repetitions")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")

@@ -3,7 +3,8 @@
 Math sets are scored by the math verifier; multiple-choice sets (ARC-Challenge, GPQA-Diamond,
 MMLU-Pro) render their options as lettered lines in the question and are scored on the letter.
 Each loads from the hub, or from `<data_dir>/<name>.{jsonl,json,parquet}` (or a folder of that
-name) holding records with the hub's own field names.
+name) holding records with the hub's own field names. `arithmetic` is the demo world's held-out
+split, generated from the world's knobs (no file), prompted with the world's own template.
 """
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ class Benchmark:
     answer_format: str  # math (math-verify equivalence) | choice (option letter)
     reference_format: str = "raw"  # how the reference sits in its field: raw | gsm8k | boxed
     choices: str = ""  # how the options are stored: "" (none) | arc | list | gpqa
-    domain: str = "math"  # math | ood
+    domain: str = "math"  # math | ood | demo
+    prompt_template: str = ""  # "" = the answer format's default
 
     @property
     def template(self) -> str:
-        """The default prompt template for this benchmark's answer format."""
+        """The default prompt template: the benchmark's own, else its answer format's."""
+        if self.prompt_template:
+            return self.prompt_template
         return CHOICE_TEMPLATE if self.answer_format == "choice" else MATH_TEMPLATE
 
 
@@ -56,6 +60,7 @@ REGISTRY: dict[str, Benchmark] = {
                   domain="ood"),
     )
 }
+ARITHMETIC = "arithmetic"  # the demo world's held-out split (not a hub set: generated, see arithmetic_benchmark)
 _ALIASES = {"math-500": "math500", "aime2024": "aime24", "amc2023": "amc23", "arc-challenge": "arc_challenge",
             "arc": "arc_challenge", "gpqa": "gpqa_diamond", "gpqa-diamond": "gpqa_diamond", "mmlu-pro": "mmlu_pro"}
 
@@ -74,7 +79,7 @@ def get_benchmark(name: str) -> Benchmark:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in REGISTRY:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(REGISTRY)} (or file:<path> for a local file)")
+        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(REGISTRY) + [ARITHMETIC]} (or file:<path> for a local file)")
     return REGISTRY[key]
 
 
@@ -146,11 +151,28 @@ def load_records(bench: Benchmark, data_dir: str = "") -> Iterable[Mapping[str, 
 
 
 def load_benchmark(
-    name: str, *, data_dir: str = "", limit: int = 0, seed: int = 0
+    name: str, *, data_dir: str = "", limit: int = 0, seed: int = 0, world: Mapping[str, Any] | None = None
 ) -> tuple[Benchmark, list[Item], int]:
-    """(registry entry, items, number of records skipped as malformed); `limit` > 0 keeps the first `limit`."""
+    """(registry entry, items, number of records skipped as malformed); `limit` > 0 keeps the first `limit`.
+
+    `world` holds the arithmetic world's knobs for the `arithmetic` benchmark (None: the defaults).
+    """
+    if name.strip().lower() == ARITHMETIC:
+        return arithmetic_benchmark(world, limit=limit)
     bench = get_benchmark(name)
     return (bench, *_items(bench, load_records(bench, data_dir), limit, seed))
+
+
+def arithmetic_benchmark(world: Mapping[str, Any] | None = None, *, limit: int = 0) -> tuple[Benchmark, list[Item], int]:
+    """The arithmetic world's held-out test split (the demo's evaluation set) as a benchmark scored by the math verifier."""
+    from capo_jax.data.arithmetic import DEFAULT_TEMPLATE, ArithmeticWorld
+
+    tests = ArithmeticWorld(dict(world or {})).test_set()
+    if limit:
+        tests = tests[:limit]
+    bench = Benchmark(ARITHMETIC, "", "", "test", "question", "answer", "math", domain="demo",
+                      prompt_template=DEFAULT_TEMPLATE)
+    return bench, [Item(p.question, p.answer, {"num_ops": len(p.ops)}) for p in tests], 0
 
 
 def local_benchmark(

@@ -1,6 +1,7 @@
 """Prompt templates and reference-answer normalisation shared by training data and benchmarks."""
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -11,6 +12,27 @@ CHOICE_TEMPLATE = (
     "{question}\nPlease reason step by step, and put the letter of the correct option within \\boxed{{}}."
 )
 ANSWER_FORMATS = ("raw", "gsm8k", "boxed")
+
+
+_ESCAPE = re.compile(r"\\(\\|n|t(?![a-z]))")
+_ESCAPED = {"\\": "\\", "n": "\n", "t": "\t"}
+
+
+def read_escapes(text: str) -> str:
+    """A template typed in a shell with its escapes read: `\\n` -> newline, `\\t` -> tab, `\\\\` -> backslash.
+
+    Other backslashes stay as typed (LaTeX such as `\\boxed`, `\\frac`, and `\\t` before a letter: `\\text`, `\\times`);
+    `\\n` is always a newline, so LaTeX's `\\neq` is typed `\\\\neq`.
+    """
+    return _ESCAPE.sub(lambda m: _ESCAPED[m.group(1)[0]], text)
+
+
+def literal_newline_warning(template: str) -> str | None:
+    """A warning when a template still holds a literal backslash-n (almost always a newline meant), else None."""
+    if "\\n" not in template:
+        return None
+    return ("the prompt template holds a literal backslash-n (two characters), not a newline: pass --template "
+            "'{question}\\n' (read as a newline) or a real newline; ignore this if the backslash is meant (LaTeX such as \\neq)")
 
 
 def check_template(template: str) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -291,6 +292,8 @@ class Run:
         self._stream = stream
         self._stop_signal = False
         self.writer: MetricsWriter | None = None
+        self._lock = None
+        self._hold_lock()  # before anything writes into the workdir
 
         pol_devices, critic_devices = policy_devices(config)
         m = config.mesh
@@ -344,19 +347,32 @@ class Run:
 
             print(message, file=self._stream or sys.stderr, flush=True)
 
-    def _resume(self) -> None:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+    def _hold_lock(self) -> None:
+        """Own workdir/.lock (process 0 only): WorkdirBusy when a live trainer has it; released when training ends."""
+        if jax.process_index() != 0 or (self._lock is not None and self._lock.held()):
             return
-        restored = self.checkpointer.restore(latest, self.trainer.params, self.trainer.opt_state)
+        from capo_jax import lock
+
+        self._lock = lock.acquire(self.workdir, log=self._log)
+        weakref.finalize(self, self._lock.release)  # also at interpreter exit, and after an exception in __init__
+
+    def _resume(self) -> None:
+        """Restore the newest checkpoint that restores; broken newer ones are reported in one line and moved aside."""
+        def usable(items: dict) -> None:  # a checkpoint whose meta cannot resume the run is as broken as a truncated one
+            meta = items["meta"]
+            int(meta["step"]), ckpt_lib.key_from_json(meta["rng"])
+            self.source.restore(meta["data_state"])
+
+        restored = self.checkpointer.restore_newest(self.trainer.params, self.trainer.opt_state, check=usable, log=self._log)
+        if restored is None:
+            return
         self.trainer.set_state(restored["params"], restored["opt_state"])
         meta = restored["meta"]
-        self.source.restore(meta["data_state"])
         if ckpt_lib.key_to_json(self.base_key) != list(meta["rng"]):
             self._log(f"[resume] note: the checkpoint's RNG key differs from seed {self.config.seed}; using the checkpoint's")
         self.base_key = ckpt_lib.key_from_json(meta["rng"])
         self.step = int(meta["step"])
-        self._log(f"[resume] restored step {self.step} from {self.checkpointer.directory}")
+        self._log(f"[resume] restored step {self.step} from {self.checkpointer.step_path(restored['step'])}")
 
     def save(self) -> None:
         """Checkpoint the current state (params, optimizer, step, RNG, data position)."""
@@ -446,13 +462,16 @@ class Run:
     def train(self) -> int:
         """Run to total_steps (or stop_after_steps, or SIGTERM); returns the last finished step."""
         cfg = self.config
+        self._hold_lock()
         total = int(cfg.total_steps)
         stop_at = total if int(cfg.stop_after_steps) <= 0 else min(total, self.step + int(cfg.stop_after_steps))
         lg = cfg.logging
         lead = jax.process_index() == 0  # one host writes the logs
+        # rows an interrupted run logged after the restored step are dropped (all of them when nothing was restored)
         self.writer = MetricsWriter(self.workdir, total_steps=total, initial_step=self.step,
                                     tensorboard=lead and bool(lg.tensorboard), jsonl=lead and bool(lg.jsonl),
-                                    progress=lead and bool(lg.progress), stream=self._stream)
+                                    progress=lead and bool(lg.progress), stream=self._stream,
+                                    keep_through=self.step if self.step > 0 else -1)
         previous = signal.signal(signal.SIGTERM, self.request_stop) if _main_thread() else None
         bad_in_a_row = 0
         try:
@@ -484,6 +503,8 @@ class Run:
         finally:
             self.checkpointer.close()
             self.writer.close()
+            if self._lock is not None:
+                self._lock.release()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return self.step
@@ -496,7 +517,9 @@ class Run:
 
             out = os.path.join(self.workdir, "hf_export")
             save_pretrained(self.model, out, tokenizer_dir=os.path.join(self.workdir, ckpt_lib.POLICY_HF_DIR))
-            self._log(f"[train] policy exported as a Hugging Face folder: {out}")
+            from capo_jax.export import load_hint
+
+            self._log(f"[train] policy exported as a Hugging Face folder: {out}; {load_hint(out)}")
         if bool(cfg.finish.plot):
             try:
                 from capo_jax.demo.plot import plot_run

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 KL_LOG_RATIO_CLAMP = 20.0  # |log(pi_ref/pi)| is clamped here before exponentiating (k3), so one token cannot overflow
+RATIO_LOG_CLAMP = 20.0  # |log(pi/pi_old)| is clamped here before exponentiating (verl's convention), so exp cannot overflow
 
 
 def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
@@ -55,15 +56,22 @@ def ppo_token_loss(
     *,
     clip_low: float,
     clip_high: float,
+    clip_ratio_c: float = 0.0,
     ref_logp: jax.Array | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token PPO-clip loss (to minimise) plus beta * KL, and per-token diagnostics."""
-    ratio = jnp.exp(logp - old_logp)
+    """Per-token PPO-clip loss (to minimise) plus beta * KL, and per-token diagnostics.
+
+    The log-ratio is clamped to +-RATIO_LOG_CLAMP before exp (a far-off token gives a finite loss and
+    gradient). `clip_ratio_c` > 1 turns on the dual clip: where A < 0 the loss is capped at -A * c.
+    """
+    ratio = jnp.exp(jnp.clip(logp - old_logp, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(unclipped, clipped)
+    if clip_ratio_c:
+        pg = jnp.where(advantages < 0, jnp.minimum(pg, -advantages * clip_ratio_c), pg)
     loss = pg
     parts = {"pg_loss": pg, "ratio": ratio, "clipped": (clipped > unclipped).astype(jnp.float32),
              "old_kl": kl_estimate(logp, old_logp, "k3")}  # how far this update has moved from the sampling policy
@@ -75,8 +83,11 @@ def ppo_token_loss(
 
 
 def aggregate(per_token: jax.Array, weights: jax.Array) -> jax.Array:
-    """The (micro-batch's share of the) mini-batch loss: sum of weighted per-token values."""
-    return jnp.sum(per_token * weights)
+    """The (micro-batch's share of the) mini-batch loss: sum of weighted per-token values.
+
+    Positions of weight 0 are selected out, not multiplied by 0, so an inf or NaN there cannot reach the sum.
+    """
+    return jnp.sum(jnp.where(weights != 0, per_token, 0.0) * weights)
 
 
 def policy_loss(
@@ -89,14 +100,24 @@ def policy_loss(
     agg: str,
     clip_low: float,
     clip_high: float,
+    clip_ratio_c: float = 0.0,
     ref_logp: jax.Array | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A micro-batch's contribution to the mini-batch loss, and its contribution to token-mean diagnostics."""
+    """A micro-batch's contribution to the mini-batch loss, and its contribution to token-mean diagnostics.
+
+    The inputs are zeroed at masked positions first, so whatever a padded position holds (inf, NaN)
+    reaches neither the loss nor, through the chain rule, the gradient.
+    """
+    valid = mask != 0
+
+    def keep(x: jax.Array) -> jax.Array:
+        return jnp.where(valid, x, 0.0)
+
     per_token, parts = ppo_token_loss(
-        logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-        ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        keep(logp), keep(old_logp), keep(advantages), clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
+        ref_logp=None if ref_logp is None else keep(ref_logp), kl_coef=kl_coef, kl_estimator=kl_estimator,
     )
     loss = aggregate(per_token, token_weights(mask, agg, denoms))
     mean_w = token_weights(mask, "token_mean", denoms)

@@ -48,6 +48,7 @@ class StepOptions:
     micro_batch_size: int = 8
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     loss_agg: str = "token_mean"
@@ -68,7 +69,7 @@ class StepOptions:
         return cls(
             group_size=int(config.rollout.group_size), ppo_epochs=int(rl.ppo_epochs), num_minibatches=int(rl.num_minibatches),
             micro_batch_size=int(rl.micro_batch_size), clip_low=float(rl.clip_low), clip_high=float(rl.clip_high),
-            kl_coef=float(rl.kl_coef), kl_estimator=str(rl.kl_estimator), loss_agg=str(rl.loss_agg),
+            clip_ratio_c=float(rl.clip_ratio_c), kl_coef=float(rl.kl_coef), kl_estimator=str(rl.kl_estimator), loss_agg=str(rl.loss_agg),
             old_logprob_source=str(rl.old_logprob_source), logprob_chunk=int(rl.logprob_chunk), logprob_remat=bool(rl.logprob_remat),
             reward_mode=str(rw.mode), vote=str(config.critic.vote), w_whole=float(rw.w_whole),
             w_process=float(rw.w_process), norm=str(rw.norm), eps=float(rw.eps),
@@ -209,7 +210,7 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         mask = mb["response_mask"].astype(jnp.float32)
         loss, stats = losses.policy_loss(
             logp, mb["old_logp"], mb["advantages"], mask, denoms, agg=opts.loss_agg, clip_low=opts.clip_low,
-            clip_high=opts.clip_high, ref_logp=mb.get("ref_logp"), kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator,
+            clip_high=opts.clip_high, clip_ratio_c=opts.clip_ratio_c, ref_logp=mb.get("ref_logp"), kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator,
         )
         stats["entropy"] = losses.aggregate(jax.lax.stop_gradient(entropy), losses.token_weights(mask, "token_mean", denoms))
         return loss, stats
