@@ -40,11 +40,11 @@ SECTION_HELP = {
     "rl": "the PPO-clip update: epochs, mini- and micro-batches, clip range, dual clip, KL, loss aggregation",
     "optim": "AdamW, the learning-rate schedule, gradient clipping, the compute dtype",
     "data": "training prompts: source (arithmetic | hf | local | tfds), path, fields, template, the arithmetic world",
-    "demo": "the embedded demo's bootstrap: the tiny model's shape and its supervised phase",
+    "demo": "the embedded demo's bootstrap: the tiny model's shape, its supervised phase, and where it is cached",
     "checkpoint": "orbax checkpoints: every N steps, keep the last K, in the background",
     "logging": "metrics: TensorBoard, workdir/metrics.jsonl, the progress bar",
     "finish": "end-of-run outputs: a Hugging Face export and a PNG of the curves",
-    "eval": "held-out evaluation during training: every N steps, how many problems, response budget",
+    "eval": "held-out evaluation during training: every N steps and at step 0, problems, samples per problem, temperature, greedy",
 }
 
 
@@ -245,8 +245,10 @@ def _parse_value(text: str, current: Any) -> Any:
         return int(text)
     if isinstance(current, float):
         return float(text)
-    if isinstance(current, str):
-        return text.encode("utf-8").decode("unicode_escape") if "\\" in text else text
+    if isinstance(current, str):  # a shell cannot type a newline: read \n, \t, \\ (LaTeX such as \boxed stays)
+        from capo_jax.data.templates import read_escapes
+
+        return read_escapes(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

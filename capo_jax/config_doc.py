@@ -16,7 +16,7 @@ import sys
 import tokenize
 from typing import Any, Iterator, Mapping
 
-from capo_jax.config import get_default_config
+from capo_jax.config import SECTION_HELP, get_default_config
 
 # Modules whose `*DEFAULTS` dicts declare a section of the schema: (module, dict name, section prefix).
 DEFAULT_SOURCES = (
@@ -106,7 +106,10 @@ def render() -> str:
         top = key.split(".")[0] if "." in key else "(top level)"
         if top != section:
             section = top
-            lines += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
+            lines += ["", f"## {section}", ""]
+            if section in SECTION_HELP:
+                lines += [SECTION_HELP[section][0].upper() + SECTION_HELP[section][1:] + ".", ""]
+            lines += ["| key | default | meaning |", "|---|---|---|"]
         lines.append(f"| `{key}` | `{_cell(repr(value))}` | {_cell(comments[key])} |")
     return "\n".join(lines) + "\n"
 

@@ -105,7 +105,7 @@ def test_plot_run_writes_a_png_and_skips_missing_keys(tmp_path):
 
 def _rows(evals, rewards=(0.5, 0.7)):
     """Metrics rows: (step, sampled acc, greedy acc, wrong-step rate) evaluations, per-step rewards from step 1."""
-    rows = {s + 1: {"step": s + 1, "reward/mean": r} for s, r in enumerate(rewards)}
+    rows = {s + 1: {"step": s + 1, "reward/outcome_accuracy": r} for s, r in enumerate(rewards)}
     for step, acc, greedy, wrong in evals:
         rows.setdefault(step, {"step": step}).update({"eval/sampled_accuracy": acc, "eval/greedy_accuracy": greedy,
                                                       "eval/sampled_step_error_rate": wrong})
@@ -117,7 +117,7 @@ def test_summarize_run_gain_auc_and_steps_to_threshold():
     assert r["start"] == 0.3 and r["final"] == 0.6 and r["gain"] == pytest.approx(0.3)
     assert r["auc"] == pytest.approx(((0.3 + 0.5) / 2 * 10 + (0.5 + 0.6) / 2 * 10) / 20)
     assert r["steps_to_threshold"] == 10 and r["final_wrong"] == 0.1 and r["final_greedy"] == 0.85
-    assert r["eval_steps"] == [0, 10, 20] and r["train_reward"] == [0.5, 0.7]
+    assert r["eval_steps"] == [0, 10, 20] and r["train_accuracy"] == [0.5, 0.7]
     never = summarize_run(_rows([(0, 0.3, 0.8, 0.3), (10, 0.31, 0.8, 0.3)]), threshold=0.45)
     assert never["steps_to_threshold"] is None
     no_start = summarize_run(_rows([(10, 0.5, 0.8, 0.2)]), threshold=None)

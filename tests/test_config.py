@@ -41,6 +41,9 @@ def test_overrides_are_typed(tmp_path):
     assert c.reward.step_delimiter == "\n" and c.workdir == "/tmp/w" and rest == ["extra"]
     with pytest.raises(C.ConfigError, match="give a int"):
         C.parse_args(["--config.rollout.group_size=eight"])
+    # a template typed in a shell: \n is a newline, LaTeX and non-ASCII text stay as typed
+    c, _ = C.parse_args(["--config.data.template={question}\\nPut it in \\boxed{{}}, \\text{é}."])
+    assert c.data.template == "{question}\nPut it in \\boxed{{}}, \\text{é}."
 
 
 def test_divisibility_errors(tmp_path):

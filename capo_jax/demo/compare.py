@@ -161,11 +161,11 @@ def summarize_run(rows: Sequence[Mapping[str, Any]], threshold: float | None) ->
     es, acc = series(rows, ACC)
     gs, greedy = series(rows, GREEDY)
     ws, wrong = series(rows, WRONG)
-    ts, reward = series(rows, "reward/mean")
+    ts, train = series(rows, "reward/outcome_accuracy")
     out: dict[str, Any] = {"last_step": int(rows[-1]["step"]) if rows else 0, "eval_steps": es.tolist(),
                            "sampled_accuracy": acc.tolist(), "greedy_steps": gs.tolist(), "greedy_accuracy": greedy.tolist(),
                            "wrong_steps": ws.tolist(), "wrong_step_rate": wrong.tolist(),
-                           "train_steps": ts.tolist(), "train_reward": reward.tolist()}
+                           "train_steps": ts.tolist(), "train_accuracy": train.tolist()}
     start = float(acc[0]) if acc.size and es[0] == 0 else None
     final = float(acc[-1]) if acc.size else None
     span = float(es[-1] - es[0]) if es.size > 1 else 0.0

@@ -139,12 +139,12 @@ COMPARE_PANELS = {
     "sampled": ("held-out accuracy, sampled at the rollout temperature", "eval_steps", "sampled_accuracy", 1, False),
     "greedy": ("held-out accuracy, greedy", "greedy_steps", "greedy_accuracy", 1, False),
     "wrong": ("held-out true wrong-step rate (sampled)", "wrong_steps", "wrong_step_rate", 1, True),
-    "reward": (f"training reward ({SMOOTH}-step running mean)", "train_steps", "train_reward", SMOOTH, False),
+    "train": (f"training rollouts' accuracy ({SMOOTH}-step running mean)", "train_steps", "train_accuracy", SMOOTH, False),
 }
 
 
 def plot_comparison(groups: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str, *, title: str = "",
-                    panels: Sequence[str] = ("sampled", "greedy", "wrong", "reward")) -> str:
+                    panels: Sequence[str] = ("sampled", "greedy", "wrong", "train")) -> str:
     """Mean curve over seeds of each group of runs (e.g. {"capo": [...], "grpo": [...]}) with its 95% band, one
     panel per entry of `panels` (keys of COMPARE_PANELS); each run is a `compare.summarize_run` dict."""
     plt = _pyplot()
