@@ -51,6 +51,7 @@ def test_paired_difference_matches_the_paired_t_test_over_common_seeds():
     ref = sps.ttest_rel([0.6, 0.55, 0.7, 0.62], [0.5, 0.52, 0.61, 0.6])
     assert d["n"] == 4 and d["mean"] == pytest.approx(np.mean([0.1, 0.03, 0.09, 0.02]))
     assert d["p"] == pytest.approx(ref.pvalue)
+    assert d["p_rank"] == pytest.approx(sps.wilcoxon([0.1, 0.03, 0.09, 0.02]).pvalue) and d["p_rank"] == pytest.approx(2 / 16)
     assert d["lo"] < d["mean"] < d["hi"]
     assert paired_difference({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"] == 0.0  # a constant non-zero difference
     assert paired_difference({0: 1.0}, {0: 0.0})["p"] is None

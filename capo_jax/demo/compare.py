@@ -347,11 +347,12 @@ def _mode_row(label: str, s: Mapping[str, Any]) -> str:
 
 
 def _diff_table(title: str, diffs: Mapping[str, Any]) -> list[str]:
-    lines = [f"Paired difference {title} (per seed; mean [95% interval], paired t-test):", "",
-             "| metric | difference | p | seeds |", "|---|---|---|---|"]
+    lines = [f"Paired difference {title} (per seed; mean [95% interval]; p of the paired t-test and of the "
+             "Wilcoxon signed-rank test):", "",
+             "| metric | difference | p (t-test) | p (signed-rank) | seeds |", "|---|---|---|---|---|"]
     for key, label, digits in METRICS:
         d = diffs[key]
-        lines.append(f"| {label} | {fmt_ci(d, digits)} | {fmt_p(d['p'])} | {d['n']} |")
+        lines.append(f"| {label} | {fmt_ci(d, digits)} | {fmt_p(d['p'])} | {fmt_p(d['p_rank'])} | {d['n']} |")
     return lines
 
 

@@ -148,9 +148,11 @@ def plot_comparison(groups: Mapping[str, Sequence[Mapping[str, Any]]], out_png: 
     """Mean curve over seeds of each group of runs (e.g. {"capo": [...], "grpo": [...]}) with its 95% band, one
     panel per entry of `panels` (keys of COMPARE_PANELS); each run is a `compare.summarize_run` dict."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False)
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 4.2 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes.ravel(), panels):
         name, xkey, ykey, window, floor = COMPARE_PANELS[panel]
         for i, (label, runs) in enumerate(groups.items()):
             curves = [(list(r.get(xkey) or []), _running_mean(np.asarray(r.get(ykey) or [], np.float64), window))
@@ -170,7 +172,9 @@ def plot_comparison(groups: Mapping[str, Sequence[Mapping[str, Any]]], out_png: 
             ax.legend(fontsize=8)
     if not any(groups.values()):
         axes[0][0].text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes[0][0].transAxes)
-    fig.suptitle((title + ": " if title else "") + "mean over seeds, band = 95% interval of the mean")
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_axis_off()
+    fig.suptitle((title + "\n" if title else "") + "mean over seeds, band = 95% interval of the mean", fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)

@@ -3,7 +3,8 @@
 Seeds are the unit of replication: each run's number (final accuracy, area under its curve, ...) is one
 observation, so the interval of a mode's mean is t-based over its seeds, and CAPO vs GRPO is a paired
 comparison over the seeds both finished (same data order, same rollout and critic seeds), tested with the
-paired t-test.
+paired t-test and, since one diverging run can swamp a mean over eight seeds, with the Wilcoxon signed-rank
+test too.
 """
 from __future__ import annotations
 
@@ -35,20 +36,22 @@ def mean_ci(values: Sequence[float | None], level: float = 0.95) -> dict[str, fl
 
 def paired_difference(a: Mapping[int, float | None], b: Mapping[int, float | None],
                       level: float = 0.95) -> dict[str, float | int | None]:
-    """a - b over the keys (seeds) both hold a finite value for: mean, t interval, two-sided paired t-test p."""
+    """a - b over the keys (seeds) both hold a finite value for: mean, t interval, two-sided p-values of the paired
+    t-test (`p`) and of the Wilcoxon signed-rank test (`p_rank`, exact for small samples)."""
     from scipy import stats
 
     keys = sorted(k for k in a if k in b and a[k] is not None and b[k] is not None
                   and math.isfinite(float(a[k])) and math.isfinite(float(b[k])))
     diffs = [float(a[k]) - float(b[k]) for k in keys]
     out = dict(mean_ci(diffs, level))
-    out["p"] = None
+    out["p"] = out["p_rank"] = None
     if len(diffs) >= 2:
         d = np.asarray(diffs)
         if float(d.std(ddof=1)) == 0.0:
             out["p"] = 1.0 if float(d.mean()) == 0.0 else 0.0
         else:
             out["p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+        out["p_rank"] = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
     return out
 
 
