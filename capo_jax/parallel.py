@@ -8,6 +8,7 @@ are dropped first, so `('data', 'fsdp')` can shrink to `('data',)`) -- tiny test
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Any, Iterator, Mapping, Sequence
@@ -56,6 +57,7 @@ def policy_rules() -> Rules:
         ("length", None),
         ("embed", "fsdp"),
         ("vocab", "tensor"),
+        ("head_vocab", ("tensor", "data", "fsdp")),  # the vocab projection in a vocab-parallel loss
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -73,6 +75,7 @@ def inference_rules() -> Rules:
         ("length", None),
         ("embed", None),
         ("vocab", "tensor"),
+        ("head_vocab", ("tensor", "data", "fsdp")),  # the vocab projection in a vocab-parallel loss
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -206,3 +209,67 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, mesh, rules, x.shape))
+
+
+def relayout(x: jax.Array, names: Sequence[str | None], source_names: Sequence[str | None]) -> jax.Array:
+    """`x` (laid out by `source_names`) constrained to the layout of logical `names` under the active
+    `activation_sharding` (else `x`), with its cotangent constrained back to the source layout.
+
+    Why: the transpose of a plain sharding constraint constrains the cotangent to the same (gathered) layout, so
+    the gradient of an FSDP weight gathered for compute gets all-reduced; laid out like the weight it is
+    reduce-scattered instead (half the bytes, and no full-size gradient per device)."""
+    if getattr(_ACTIVATIONS, "value", None) is None:
+        return x
+    return _relayout(x, tuple(names), tuple(source_names))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _relayout(x, names, source_names):
+    return constrain(x, names)
+
+
+def _relayout_fwd(x, names, source_names):
+    return constrain(x, names), None
+
+
+def _relayout_bwd(names, source_names, _, g):
+    return (constrain(g, source_names),)
+
+
+_relayout.defvjp(_relayout_fwd, _relayout_bwd)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` (None outside one)."""
+    active = getattr(_ACTIVATIONS, "value", None)
+    return None if active is None else active[0]
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the active mesh's devices (a TPU topology compiled on a
+    CPU host says 'tpu'), else jax's default backend."""
+    mesh = active_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def axis_size(mesh: Mesh, rules: Rules, name: str) -> int:
+    """How many ways `rules` split the logical axis `name` on `mesh` (before any divisibility fallback)."""
+    table = dict(rules)
+    return math.prod(mesh.shape[a] for a in _as_tuple(table.get(name)) if a in mesh.shape)
+
+
+def kv_head_repeats(num_heads: int, num_kv_heads: int, mesh: Mesh | None, rules: Rules) -> int:
+    """How many times to repeat each KV head so the `kv_heads` axis splits evenly over the mesh axes the rules
+    give it (1 when it already does, or when no repetition also keeps the query heads grouped evenly).
+
+    Why: 8 KV heads cannot split 16 ways, and replicating them puts every head's KV cache on every device.
+    Repeating each head r times (an exact rewrite of grouped-query attention) gives each device whole heads."""
+    if mesh is None:
+        return 1
+    ways = axis_size(mesh, rules, "kv_heads")
+    if ways <= 1 or num_kv_heads % ways == 0:
+        return 1
+    r = ways // math.gcd(num_kv_heads, ways)
+    return r if num_heads % (num_kv_heads * r) == 0 else 1
