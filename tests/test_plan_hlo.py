@@ -178,3 +178,46 @@ def test_cpu_sharded_contraction_all_reduce():
 def test_bad_text_is_refused():
     with pytest.raises(ValueError, match="ENTRY"):
         hlo.analyze("HloModule empty\n")
+
+
+def test_batched_matmul_written_as_dilated_convolution():
+    # the TPU compiler's form of q.k^T per (row, kv head): the batch dims are a 16x2 window dilated so that each
+    # output sees one real input element; FLOPs are those of the batched matmul, not of a 16x2 window
+    text = """HloModule conv
+ENTRY %main (a: bf16[16,2,3583,128], b: bf16[16,2,6,128]) -> f32[16,2,3583,6] {
+  %a = bf16[16,2,3583,128]{3,2,1,0} parameter(0)
+  %b = bf16[16,2,6,128]{3,2,1,0} parameter(1)
+  ROOT %c = f32[16,2,3583,6]{2,3,1,0} convolution(%a, %b), window={size=16x2 stride=15x1 lhs_dilate=16x2}, dim_labels=01bf_01oi->01bf
+}
+"""
+    assert hlo.analyze(text).flops == 2 * (16 * 2 * 3583 * 6) * 128
+
+
+def test_sliced_reads_are_seen_through_nested_fusions():
+    # the TPU compiler hands a dot fusion the whole stacked [layers, ...] weight and slices one layer inside a
+    # nested fusion: one layer's bytes are read, not the stack's
+    text = """HloModule nested
+%slice_layer (w: bf16[28,1024,256], i: s32[]) -> bf16[1024,256] {
+  %w = bf16[28,1024,256]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,1024,256]{2,1,0} dynamic-slice(%w, %i, %z, %z), dynamic_slice_sizes={1,1024,256}
+  ROOT %b = bf16[1024,256]{1,0} bitcast(%ds)
+}
+%matmul (x: bf16[8,256], w.1: bf16[28,1024,256], i.1: s32[]) -> f32[8,1024] {
+  %x = bf16[8,256]{1,0} parameter(0)
+  %w.1 = bf16[28,1024,256]{2,1,0} parameter(1)
+  %i.1 = s32[] parameter(2)
+  %layer = bf16[1024,256]{1,0} fusion(%w.1, %i.1), kind=kLoop, calls=%slice_layer
+  ROOT %d = f32[8,1024]{1,0} dot(%x, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+ENTRY %main (x.1: bf16[8,256], w.2: bf16[28,1024,256], i.2: s32[]) -> f32[8,1024] {
+  %x.1 = bf16[8,256]{1,0} parameter(0)
+  %w.2 = bf16[28,1024,256]{2,1,0} parameter(1)
+  %i.2 = s32[] parameter(2)
+  ROOT %f = f32[8,1024]{1,0} fusion(%x.1, %w.2, %i.2), kind=kOutput, calls=%matmul
+}
+"""
+    a = hlo.analyze(text)
+    assert a.flops == 2 * 8 * 1024 * 256
+    assert a.hbm_bytes == 8 * 256 * 2 + 1024 * 256 * 2 + 4 + 8 * 1024 * 4  # x, one layer, the index, the result

@@ -546,16 +546,54 @@ def instruction_flops(comp: Computation, inst: Instruction) -> float:
         contracted = math.prod(lhs.dims[d] for d in _dims_attr(inst, "lhs_contracting_dims"))
         return 2.0 * inst.shapes[0].elements * contracted
     if inst.opcode == "convolution":
-        ops = _operand_shapes(comp, inst)
-        if len(ops) < 2 or not ops[1] or not inst.shapes:
-            return 0.0
-        kernel = ops[1][0]
-        labels = inst.attr("dim_labels") or ""
-        m = re.match(r"[^_]*_([^-]*)->", labels)
-        out_dim = m.group(1).find("o") if m else -1
-        per_output = kernel.elements // kernel.dims[out_dim] if out_dim >= 0 and kernel.dims else kernel.elements
-        return 2.0 * inst.shapes[0].elements * per_output
+        return _convolution_flops(comp, inst)
     return 0.0
+
+
+def _window(window: str, key: str, spatial: int, default: int) -> list[int]:
+    found = re.search(rf"\b{key}=([\d_x-]+)", window)
+    if not found:
+        return [default] * spatial
+    return [int(v.split("_")[0]) if key != "pad" else int(v.split("_")[0]) for v in found.group(1).split("x")]
+
+
+def _convolution_flops(comp: Computation, inst: Instruction) -> float:
+    """2 x (output batch x output features) x input features x, per spatial dim, the (output, tap) pairs that land
+    on real input: not padding, not a hole that lhs dilation inserts. The TPU compiler writes batched and
+    collective matmuls as convolutions whose windows mostly touch padding or holes, so a plain window product
+    would overcount them."""
+    ops = _operand_shapes(comp, inst)
+    if len(ops) < 2 or not ops[0] or not ops[1] or not inst.shapes:
+        return 0.0
+    lhs, kernel, out = ops[0][0], ops[1][0], inst.shapes[0]
+    m = re.match(r"([^_]*)_([^-]*)->(.*)", inst.attr("dim_labels") or "")
+    if m is None:
+        return 0.0
+    lhs_l, ker_l, out_l = m.groups()
+    features = kernel.dims[ker_l.index("i")] if "i" in ker_l else 1
+    spatial = sorted(ch for ch in out_l if ch.isdigit())
+    window = inst.attr("window") or ""
+    sizes = _window(window, "size", len(spatial), 1)
+    strides = _window(window, "stride", len(spatial), 1)
+    lhs_dil = _window(window, "lhs_dilate", len(spatial), 1)
+    rhs_dil = _window(window, "rhs_dilate", len(spatial), 1)
+    pads = [0] * len(spatial)
+    found = re.search(r"\bpad=([\d_x-]+)", window)
+    if found:
+        pads = [int(v.split("_")[0]) for v in found.group(1).split("x")]
+    pairs = 1
+    out_spatial = 1
+    for k, ch in enumerate(spatial):
+        n_in, n_out = lhs.dims[lhs_l.index(ch)], out.dims[out_l.index(ch)]
+        out_spatial *= n_out
+        hits = 0
+        for o in range(n_out):
+            for t in range(sizes[k]):
+                pos = o * strides[k] + t * rhs_dil[k] - pads[k]
+                if 0 <= pos <= (n_in - 1) * lhs_dil[k] and pos % lhs_dil[k] == 0:
+                    hits += 1
+        pairs *= hits
+    return 2.0 * (out.elements // max(out_spatial, 1)) * features * pairs
 
 
 def _group_size(inst: Instruction, num_devices: int | None) -> int:
@@ -602,6 +640,28 @@ def _hbm(shapes: Iterable[Shape]) -> int:
     return sum(s.bytes for s in shapes if s.memory_space == 0)
 
 
+def _read_bytes(comps: dict[str, Computation], inner: Computation, param: Instruction, full: float,
+                in_place: set[str], depth: int = 0) -> float:
+    """Bytes a fused computation reads of its parameter `param` (whose whole array is `full` bytes): the slices it
+    takes when every use slices it (looking into nested fusions), nothing for an in-place update's base, else all."""
+    users = [u for u in inner.instructions if param.name in u.operands]
+    total = 0.0
+    for u in users:
+        position = u.operands.index(param.name)
+        if u.opcode == "dynamic-update-slice" and position == 0 and param.name in in_place:
+            continue
+        if u.opcode in ("dynamic-slice", "slice", "gather") and position == 0:
+            total += u.result_bytes
+        elif u.opcode == "fusion" and depth < 4:
+            called = [c for role, c in u.called() if role == "calls"]
+            nested = comps.get(called[0]) if called else None
+            p = nested.parameter(position) if nested is not None else None
+            total += full if p is None else _read_bytes(comps, nested, p, full, set(), depth + 1)
+        else:
+            return full
+    return min(total, full)
+
+
 def _fusion_bytes(comps: dict[str, Computation], comp: Computation, inst: Instruction) -> float:
     """HBM bytes of one fusion: operands it reads (a sliced operand: just its slices) and the result it writes
     (an in-place dynamic-update-slice root: just the update)."""
@@ -610,10 +670,6 @@ def _fusion_bytes(comps: dict[str, Computation], comp: Computation, inst: Instru
     operand_shapes = _operand_shapes(comp, inst)
     if inner is None:
         return _hbm(s for shapes in operand_shapes for s in shapes) + _hbm(inst.shapes)
-    users: dict[str, list[Instruction]] = {}
-    for i in inner.instructions:
-        for o in i.operands:
-            users.setdefault(o, []).append(i)
     root = inner.root
     in_place = set()
     write = 0.0
@@ -639,13 +695,7 @@ def _fusion_bytes(comps: dict[str, Computation], comp: Computation, inst: Instru
         shapes = operand_shapes[k] if k < len(operand_shapes) else []
         if not shapes or all(s.memory_space != 0 for s in shapes):
             continue
-        use = users.get(i.name, [])
-        use = [u for u in use if not (u.opcode == "dynamic-update-slice" and u.operands[0] == i.name
-                                      and i.name in in_place)]
-        if use and all(u.opcode in ("dynamic-slice", "slice", "gather") for u in use):
-            read += sum(u.result_bytes for u in use)
-        elif use:
-            read += _hbm(shapes)
+        read += _read_bytes(comps, inner, i, float(_hbm(shapes)), in_place)
     return read + write
 
 
