@@ -239,6 +239,43 @@ def _relayout_bwd(names, source_names, _, g):
 _relayout.defvjp(_relayout_fwd, _relayout_bwd)
 
 
+def gather_weight(x: jax.Array, names: Sequence[str | None] | None, dtype: Any = None) -> jax.Array:
+    """A parameter's value for compute: cast to `dtype` (default: its own) and, under `activation_sharding`, laid
+    out as the rules say minus the batch axes (FSDP's all-gather, in the compute dtype, before each use). Its
+    gradient comes back in the parameter's dtype and stored layout: summed over devices in that dtype by a
+    reduce-scatter, never gathered.
+
+    Why: left to itself, XLA met FSDP weights split along a matmul's contracting dim by summing partial products
+    of activation size around the ring instead of gathering the (smaller) weight."""
+    dtype = x.dtype if dtype is None else jax.numpy.dtype(dtype)
+    active = getattr(_ACTIVATIONS, "value", None)
+    if active is None or names is None:
+        return x.astype(dtype)
+    mesh, rules = active
+    stored = logical_to_sharding(names, mesh, rules, x.shape)
+    entries = []
+    for entry in stored.spec:
+        axes = tuple(a for a in _as_tuple(entry) if a not in BATCH_AXES)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return _gather(x, stored, NamedSharding(mesh, PartitionSpec(*entries)), dtype, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(x, stored, compute, dtype, source_dtype):
+    return jax.lax.with_sharding_constraint(x.astype(dtype), compute)
+
+
+def _gather_fwd(x, stored, compute, dtype, source_dtype):
+    return _gather(x, stored, compute, dtype, source_dtype), None
+
+
+def _gather_bwd(stored, compute, dtype, source_dtype, _, g):
+    return (jax.lax.with_sharding_constraint(g.astype(source_dtype), stored),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
 def active_mesh() -> Mesh | None:
     """The mesh of the enclosing `activation_sharding` (None outside one)."""
     active = getattr(_ACTIVATIONS, "value", None)

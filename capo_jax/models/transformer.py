@@ -44,6 +44,17 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...]
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _weight(param: nnx.Variable, dtype) -> jax.Array:
+    """A parameter's value in the compute dtype, gathered for compute under activation sharding (FSDP: once per
+    use, its gradient reduce-scattered back; see `parallel.gather_weight`). Inside the layer scan a stacked
+    parameter arrives as one layer's slice: its names lose the leading `layers`."""
+    value = param[...]
+    names = parallel.variable_names(param)
+    if names is not None and len(names) == value.ndim + 1 and names[0] == "layers":
+        names = names[1:]
+    return parallel.gather_weight(value, names, dtype)
+
+
 def _head_proj(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """x[B,T,E] through a per-head kernel w[heads, D, E] -> [B,T,heads,D], as one 2D matmul over the flattened
     [heads*D, E] kernel: with the 3D einsum XLA:CPU transposed the kernel on every call (per decode step)."""
@@ -62,7 +73,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return _weight(self.scale, x.dtype) * y.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -138,11 +149,11 @@ class Attention(nnx.Module):
         attends block by block over its own keys, never over the whole cache), or bool[B,T,S]: which cache slots
         each query sees."""
         cfg, dt = self.cfg, x.dtype
-        q, k, v = (_head_proj(x, w[...], dt) for w in (self.q, self.k, self.v))
+        q, k, v = (_head_proj(x, _weight(w, dt), dt) for w in (self.q, self.k, self.v))
         if cfg.attention_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q = q + _weight(self.q_bias, dt)
+            k = k + _weight(self.k_bias, dt)
+            v = v + _weight(self.v_bias, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -167,9 +178,9 @@ class Attention(nnx.Module):
         else:
             out = attend(q, k, v, allowed, heads_major=True)
         b, t, h, d = out.shape
-        out = linear(out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
+        out = linear(out.reshape(b, t, h * d), _weight(self.o, dt).reshape(-1, h * d), dt)
         if cfg.attention_out_bias:
-            out = out + self.o_bias[...].astype(dt)
+            out = out + _weight(self.o_bias, dt)
         return out, kv
 
 
@@ -193,7 +204,8 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return swiglu_mlp(x, self.gate[...], self.up[...], self.down[...], x.dtype)
+        dt = x.dtype
+        return swiglu_mlp(x, _weight(self.gate, dt), _weight(self.up, dt), _weight(self.down, dt), dt)
 
 
 class Block(nnx.Module):
@@ -272,6 +284,7 @@ class Transformer(nnx.Module):
                 allowed = new_mask[:, None, :] & causal[None]
             kv = (cache.k, cache.v)
 
+        # the lookup reads a few rows: the table stays as stored (XLA gathers rows, not the whole table)
         x = parallel.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype), _ACT)
         x, kv = self._run_layers(x, cos, sin, allowed, kv, index)
         hidden = self.norm(x)

@@ -248,6 +248,8 @@ def _generation(roles: Roles, model_cfg: ModelConfig, mesh: Any, rules: Any, par
     copy = InferenceCopy(abstract_model(model_cfg), mesh, rules)
     model = copy.abstract()
     weights = device_bytes(nnx.state(model))
+    # what one decode step must read: every weight but an untied embedding table (the lookup reads a few rows)
+    read = weights - (0 if copy.config.tie_word_embeddings else device_bytes(nnx.state(model)["embed"]))
     prefill, decode, carry = lower_generate(model, prompts, prompt_len, params, mesh, rules=copy.rules)
     cache = device_bytes(carry.cache)
     n = len(mesh.devices.flat)
@@ -269,7 +271,7 @@ def _generation(roles: Roles, model_cfg: ModelConfig, mesh: Any, rules: Any, par
         flops = analytic.decode_token_flops(copy.config, rows=rows, cache_len=cache_len) * steps / n
         programs.append(_compile(
             f"{role if role == 'critic' else 'rollout'} decode", role, phase, decode, default_trip=steps, per=steps,
-            unit="token", analytic_flops=flops, analytic_bytes=float(weights + cache) * steps, holds_resident=False,
+            unit="token", analytic_flops=flops, analytic_bytes=float(read + cache) * steps, holds_resident=False,
             num_devices=n, log=log))
     return programs, weights, cache
 
