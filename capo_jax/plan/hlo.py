@@ -122,6 +122,7 @@ class Collective:
     group: int
     count: float  # runs per call of the entry computation
     op_name: str = ""
+    dims: tuple[int, ...] = ()  # shape of the array it moves (as `array_bytes` counts it)
 
     @property
     def sent_bytes(self) -> float:
@@ -625,15 +626,12 @@ def _collective(comp: Computation, inst: Instruction, count: float, num_devices:
     results = [s for s in inst.shapes if s.dims or s.dtype not in ("u32", "s32")]
     if inst.opcode.endswith("-start") and len(inst.shapes) >= 2:
         results = [inst.shapes[1]] if kind != "collective-permute" else [inst.shapes[0]]
-    if kind == "all-gather":
-        size = sum(s.bytes for s in results)
-        dtype = results[0].dtype if results else ""
-    else:
-        size = sum(s.bytes for s in operands) or sum(s.bytes for s in results)
-        dtype = (operands or results)[0].dtype if (operands or results) else ""
+    arrays = results if kind == "all-gather" or not operands else operands
+    size = sum(s.bytes for s in arrays)
     meta = re.search(r'op_name="([^"]*)"', inst.attrs)
-    return Collective(kind=kind, name=inst.name, dtype=dtype, array_bytes=size, group=_group_size(inst, num_devices),
-                      count=count, op_name=meta.group(1) if meta else "")
+    return Collective(kind=kind, name=inst.name, dtype=arrays[0].dtype if arrays else "", array_bytes=size,
+                      group=_group_size(inst, num_devices), count=count, op_name=meta.group(1) if meta else "",
+                      dims=arrays[0].dims if arrays else ())
 
 
 def _hbm(shapes: Iterable[Shape]) -> int:
