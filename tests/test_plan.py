@@ -73,3 +73,60 @@ def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
     assert "pip install libtpu==0.0.42.1" in err
     assert main(["--config", "configs/demo.py"]) == 2
     assert "--topology" in capsys.readouterr().err
+
+
+def _roles(critic_shared=True):
+    import jax
+
+    from capo_jax import config as config_lib, parallel
+    from capo_jax.plan import programs
+
+    config = config_lib.load_config_file("configs/qwen2.5_1.5b.py")
+    mesh = parallel.make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices())
+    policy = shapes.model_config("Qwen/Qwen2.5-1.5B", dtype="bfloat16", param_dtype="float32")
+    critic = shapes.model_config("Qwen/Qwen2.5-72B-Instruct", dtype="bfloat16", param_dtype="bfloat16")
+    critic_mesh = parallel.make_mesh(data=1, fsdp=1, tensor=-1, devices=jax.devices())
+    return programs.Roles(config=config, slice=topology.parse_slice("v5e-8"), devices=jax.devices(),
+                          policy_mesh=mesh, critic_mesh=critic_mesh, policy=policy, critic=critic,
+                          critic_shared=critic_shared)
+
+
+def _program(name, role, phase, argument, output, alias, temp, holds_resident):
+    from capo_jax.plan import programs
+
+    return programs.Program(name=name, role=role, phase=phase, seconds=0.0,
+                            memory=programs.Memory(argument, output, alias, temp), flops=1e12, hbm_bytes=1e9,
+                            collectives={"all-reduce": (2.0, 4e6)}, undetermined_trips=[], per=1, unit="call",
+                            analytic_flops=1e12, analytic_bytes=None, holds_resident=holds_resident)
+
+
+def test_phase_memory_adds_what_each_phase_holds():
+    from capo_jax.plan import programs
+    from capo_jax.plan.report import phase_memory
+
+    G = topology.GiB
+    roles = _roles()
+    res = {"policy": programs.Resident(params=1 * G, optimizer=2 * G),
+           "rollout": programs.Resident(rollout_copy=3 * G, kv_cache=1 * G),
+           "critic": programs.Resident(params=4 * G, kv_cache=2 * G)}
+    progs = [_program("train step", "policy", "train", 3.5 * G, 3 * G, 3 * G, 2 * G, True),
+             _program("rollout decode", "policy", "rollout", 4.25 * G, 1 * G, 1 * G, 0.5 * G, False),
+             _program("critic decode", "critic", "critic", 6 * G, 2 * G, 2 * G, 1 * G, False)]
+    train, rollout, critic = phase_memory(progs, res, roles)
+    assert train.total == 3.5 * G + 2 * G + 4 * G  # the step's arguments hold params + optimizer; shared critic
+    assert train.parts["other arguments"] == 0.5 * G and train.parts["critic weights"] == 4 * G
+    assert rollout.total == 3 * G + 4.25 * G + 0.5 * G + 4 * G  # resident policy + copy + cache + rest + critic
+    assert rollout.parts["other arguments"] == 0.25 * G
+    assert critic.total == 6 * G + 1 * G + 3 * G and critic.parts["KV cache"] == 2 * G
+    assert critic.fits and abs(critic.spare - (1 - 10 / 16)) < 1e-9
+
+
+def test_alternatives_shrink_the_failing_phase():
+    from capo_jax.plan.planner import candidates
+
+    roles = _roles()
+    train = candidates(roles.config, "train", roles)
+    assert train[0] == ("rl.micro_batch_size=16", {"rl.micro_batch_size": 16})
+    assert any(overrides.get("mesh.tensor") == 2 for _, overrides in train)
+    critic = candidates(roles.config, "critic", roles)
+    assert [d for d, _ in critic][:2] == ["critic.batch_size=2", "critic.batch_size=1"]
