@@ -282,6 +282,12 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def active_axis_size(name: str) -> int:
+    """How many ways the active `activation_sharding` splits logical axis `name` (1 outside one)."""
+    active = getattr(_ACTIVATIONS, "value", None)
+    return 1 if active is None else axis_size(active[0], active[1], name)
+
+
 def target_platform() -> str:
     """The platform the program being traced will run on: the active mesh's devices (a TPU topology compiled on a
     CPU host says 'tpu'), else jax's default backend."""

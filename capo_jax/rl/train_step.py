@@ -140,10 +140,11 @@ def response_logprobs(
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
     hidden = model.hidden_states(ids, mask)
-    # One layout change for all chunks. Seen as float32 by the chunks, so the backward sums the chunks' head
-    # gradients in float32 (the round trip to the compute dtype is exact and folds away).
-    sharded = parallel.active_mesh() is not None
-    head = model.head_weight(("head_vocab", None) if sharded else ("vocab", None)).astype(jnp.float32)
+    # Split over devices, the head is laid out once for all chunks, seen as float32 by them so that the backward sums
+    # the chunks' head gradients in float32 (the round trip to the compute dtype is exact and folds away). On one
+    # device each chunk casts the parameter itself (the same values, and no extra [V, E] buffer).
+    sharded = parallel.active_axis_size("head_vocab") > 1
+    head = model.head_weight(("head_vocab", None)).astype(jnp.float32) if sharded else None
     # position P-1+j predicts response token j
     h = jax.lax.dynamic_slice_in_dim(hidden, p - 1, t, axis=1)
     n = t // chunk
