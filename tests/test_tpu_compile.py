@@ -150,14 +150,14 @@ def test_shipped_72b_critic_fits_its_slice():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2.5_1.5b", "llama3.2_1b", "llama3.2_3b", "qwen2.5_1.5b_critic7b"])
 def test_shipped_config_fits_the_slice_it_names(name):
-    """Every phase of a paper config (train step, rollout, critic) fits its slice with 10% of HBM to spare: the
-    planner compiles each program at 2 and 3 layers and extrapolates to the full depth."""
+    """Every phase of a paper config (train step, rollout, critic) fits its slice with 10% of HBM to spare, every
+    program compiled at full depth (scanned layers: compile time hardly grows with depth)."""
     from capo_jax import config as config_lib
     from capo_jax.plan.planner import make_plan
     from capo_jax.plan.report import SPARE_TARGET
 
     config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
-    plan = make_plan(config, config.mesh.topology, depths=(2, 3), alternatives=0, log=lambda _: None)
+    plan = make_plan(config, config.mesh.topology, alternatives=0, log=lambda _: None)
     assert [ph.phase for ph in plan.phases] == ["train", "rollout", "critic"]
     for ph in plan.phases:
         assert ph.spare >= SPARE_TARGET, (ph.phase, ph.total / GiB, ph.parts)

@@ -25,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--programs", default="train,rollout,critic", help="phases to compile (comma-separated)")
     parser.add_argument("--layers", type=int, default=None, help="compile the policy with this many layers")
     parser.add_argument("--critic-layers", type=int, default=None, help="compile the critic with this many layers")
-    parser.add_argument("--extrapolate", default="", metavar="A,B",
-                        help="compile at A and B layers and extrapolate to the full depth (e.g. 2,4)")
     parser.add_argument("--alternatives", type=int, default=2,
                         help="recompilations to try when a phase does not fit (0 = none)")
     parser.add_argument("--hlo-dir", default="", help="write each program's optimised HLO text here")
@@ -53,18 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from capo_jax.plan.planner import make_plan
     from capo_jax.plan.report import render
 
-    depths = None
-    if args.extrapolate:
-        try:
-            depths = tuple(int(v) for v in args.extrapolate.split(","))
-            assert len(depths) == 2 and 0 < depths[0] < depths[1]
-        except (ValueError, AssertionError):
-            print(f"error: --extrapolate {args.extrapolate!r}: give two depths A,B with 0 < A < B (e.g. 2,4)",
-                  file=sys.stderr)
-            return 2
     try:
         plan = make_plan(config, name, which=which, layers=args.layers, critic_layers=args.critic_layers,
-                         alternatives=args.alternatives, depths=depths)
+                         alternatives=args.alternatives)
     except (ValueError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -85,37 +85,15 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
     return new
 
 
-def compile_extrapolated(config: ml_collections.ConfigDict, slice_name: str, which: Sequence[str],
-                         depths: tuple[int, int], log: Callable[[str], None] = _log
-                         ) -> tuple[P.Roles, list[P.Program], dict[str, P.Resident]]:
-    """Compile at two shallow depths (policy and critic alike) and extrapolate every figure to the full depths."""
-    la, lb = depths
-    full = P.build_roles(config, slice_name)
-    ra = P.build_roles(config, slice_name, layers=la, critic_layers=la)
-    rb = P.build_roles(config, slice_name, layers=lb, critic_layers=lb)
-    pa, resa = compile_phases(ra, which, log)
-    pb, resb = compile_phases(rb, which, log)
-
-    def depth(role: str) -> int:
-        return full.critic.num_layers if role == "critic" else full.policy.num_layers
-
-    progs = [P.extrapolate(x, y, la, lb, depth(x.role)) for x, y in zip(pa, pb)]
-    resident = {k: resa[k].extrapolate(resb[k], la, lb, depth(k)) for k in resa}
-    return full, progs, resident
-
-
 def make_plan(config: ml_collections.ConfigDict, slice_name: str, *, which: Sequence[str] = ALL,
               layers: int | None = None, critic_layers: int | None = None, alternatives: int = 2,
-              depths: tuple[int, int] | None = None, log: Callable[[str], None] = _log) -> Plan:
+              log: Callable[[str], None] = _log) -> Plan:
     """Compile the phases `which` of `config` for `slice_name` and account their memory; for each phase that does
     not fit, try up to `alternatives` overrides (each a recompilation of that phase) and record the results.
-    `depths=(a, b)` compiles at a and b layers and extrapolates to the full depth (minutes instead of the full
-    compile's tens of minutes); `layers` / `critic_layers` plan a shrunk model as it is."""
-    if depths is not None:
-        roles, progs, resident = compile_extrapolated(config, slice_name, which, depths, log)
-    else:
-        roles = P.build_roles(config, slice_name, layers=layers, critic_layers=critic_layers)
-        progs, resident = compile_phases(roles, which, log)
+    `layers` / `critic_layers` plan a shrunk model as it is (layers are scanned: compile time hardly depends on
+    depth, so shrinking is for tests that check layouts, not for speed)."""
+    roles = P.build_roles(config, slice_name, layers=layers, critic_layers=critic_layers)
+    progs, resident = compile_phases(roles, which, log)
     plan = Plan(roles=roles, programs=progs, resident=resident, phases=phase_memory(progs, resident, roles))
     if layers is not None or critic_layers is not None:
         plan.notes.append(f"depth shrunk for this plan (policy {roles.policy.num_layers} layers"
@@ -130,12 +108,9 @@ def make_plan(config: ml_collections.ConfigDict, slice_name: str, *, which: Sequ
                 break
             tries += 1
             try:
-                alt_config = with_overrides(config, overrides)
-                if depths is not None:
-                    alt_roles, alt_progs, alt_res = compile_extrapolated(alt_config, slice_name, [ph.phase], depths, log)
-                else:
-                    alt_roles = P.build_roles(alt_config, slice_name, layers=layers, critic_layers=critic_layers)
-                    alt_progs, alt_res = compile_phases(alt_roles, [ph.phase], log)
+                alt_roles = P.build_roles(with_overrides(config, overrides), slice_name, layers=layers,
+                                          critic_layers=critic_layers)
+                alt_progs, alt_res = compile_phases(alt_roles, [ph.phase], log)
                 result = [p for p in phase_memory(alt_progs, alt_res, alt_roles) if p.phase == ph.phase]
             except Exception as exc:  # noqa: BLE001 - an alternative that cannot be built is reported, not fatal
                 plan.alternatives.append((desc, f"not buildable ({type(exc).__name__}: {str(exc)[:160]})"))

@@ -128,9 +128,8 @@ class Program:
     analytic_flops: float  # per device per call
     analytic_bytes: float | None  # per device per call (decode: weights + KV read per token x tokens)
     holds_resident: bool  # its arguments already include the role's resident state (params, optimizer)
-    analysis: hlo.Analysis | None = dataclasses.field(repr=False, default=None)  # None when extrapolated
+    analysis: hlo.Analysis | None = dataclasses.field(repr=False, default=None)
     text: str = dataclasses.field(repr=False, default="")
-    depth: str = ""  # how the figures were obtained when not from one full-depth compile
 
     @property
     def total_bytes(self) -> float:
@@ -140,29 +139,6 @@ class Program:
     @property
     def collective_bytes(self) -> float:
         return sum(sent for _, sent in self.collectives.values())
-
-
-def _lin(x: float, y: float, la: int, lb: int, depth: int) -> float:
-    return x + (y - x) * (depth - la) / (lb - la)
-
-
-def extrapolate(a: Program, b: Program, la: int, lb: int, depth: int) -> Program:
-    """The program at `depth` layers from compiles at `la` and `lb` layers: every count a + (depth - la) x the
-    per-layer increment (exact for the analytic model and for a scanned layer stack's repeated work and buffers;
-    an estimate for the compiler's temporaries)."""
-    def lin(x: float, y: float) -> float:
-        return _lin(x, y, la, lb, depth)
-
-    mem = Memory(*(lin(getattr(a.memory, f.name), getattr(b.memory, f.name)) for f in dataclasses.fields(Memory)))
-    kinds = sorted(set(a.collectives) | set(b.collectives))
-    coll = {k: (lin(a.collectives.get(k, (0, 0))[0], b.collectives.get(k, (0, 0))[0]),
-                lin(a.collectives.get(k, (0, 0))[1], b.collectives.get(k, (0, 0))[1])) for k in kinds}
-    return dataclasses.replace(
-        b, seconds=a.seconds + b.seconds, memory=mem, flops=lin(a.flops, b.flops), hbm_bytes=lin(a.hbm_bytes, b.hbm_bytes),
-        collectives=coll, analytic_flops=lin(a.analytic_flops, b.analytic_flops),
-        analytic_bytes=None if a.analytic_bytes is None else lin(a.analytic_bytes, b.analytic_bytes), analysis=None,
-        text="", undetermined_trips=b.undetermined_trips,
-        depth=f"extrapolated to {depth} layers from compiles at {la} and {lb}")
 
 
 def _compile(name: str, role: str, phase: str, lowered: Any, *, default_trip: int | None, per: int, unit: str,
@@ -193,10 +169,6 @@ class Resident:
     @property
     def persistent(self) -> int:
         return self.params + self.optimizer
-
-    def extrapolate(self, other: "Resident", la: int, lb: int, depth: int) -> "Resident":
-        return Resident(*(_lin(getattr(self, f.name), getattr(other, f.name), la, lb, depth)
-                          for f in dataclasses.fields(Resident)))
 
 
 def train_program(roles: Roles) -> tuple[Any, dict, Resident]:

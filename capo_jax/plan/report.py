@@ -235,9 +235,6 @@ def render(plan: Plan, config_name: str) -> str:
                 verdict = "; ".join(f"{ph.phase} {_gib(ph.total)}/{_gib(ph.hbm)} GiB "
                                     f"{'fits' if ph.fits else 'does not fit'}" for ph in result)
                 lines.append(f"  {desc}: {verdict}")
-    depths = sorted({p.depth for p in plan.programs if p.depth})
-    for d in depths:
-        lines.append(f"note: figures {d} (resident memory: exact at full depth)")
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
