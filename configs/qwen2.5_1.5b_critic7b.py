@@ -1,47 +1,25 @@
-"""CAPO on Qwen2.5-1.5B with a Qwen2.5-7B-Instruct GenPRM critic (the smaller-budget variant of
-configs/qwen2.5_1.5b.py), G = 16, M = 4, on a v5e-16 slice: both models on all 16 chips (libtpu compiles a v5e
-program only over the whole slice), the policy with FSDP over every chip, the critic 4-way tensor parallel (its 28
-heads and 4 KV heads split evenly) and 4-way data parallel. Check the fit before renting the slice:
+"""CAPO on Qwen2.5-1.5B with a Qwen2.5-7B-Instruct GenPRM critic: configs/qwen2.5_1.5b.py (G = 16, M = 4) for a
+smaller budget, a v5e-16 slice. Both models on all 16 chips (libtpu compiles a v5e program only over the whole
+slice): the policy with FSDP over every chip, the critic 4-way tensor parallel (its 28 heads and 4 KV heads split
+evenly) and 4-way data parallel. Check the fit before renting the slice:
 
 python -m capo_jax.plan --config configs/qwen2.5_1.5b_critic7b.py
 python -m capo_jax.train --config configs/qwen2.5_1.5b_critic7b.py \
     --config.policy.path=/ckpt/Qwen2.5-1.5B --config.critic.path=/ckpt/Qwen2.5-7B-Instruct \
     --config.data.path=/data/math_train.jsonl
 """
-from capo_jax.config import get_default_config
+import os
+
+from capo_jax.config import load_config_file
 
 
 def get_config():
-    c = get_default_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2.5_1.5b.py"))
     c.workdir = "runs/qwen2.5_1.5b_critic7b_capo"
-    c.total_steps = 500
-    c.policy.path = ""  # required: Qwen2.5-1.5B Hugging Face folder
-    c.policy.model_id = "Qwen/Qwen2.5-1.5B"
-    c.data.source = "local"  # a json/jsonl/parquet file of question/answer records (or "hf" with a hub id)
-    c.data.path = ""  # required: the training problems
-    c.data.answer_format = "boxed"
-    c.data.template = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     c.mesh.topology = "v5e-16"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # the policy: FSDP over every chip
-    c.rollout.prompts_per_step = 32
-    c.rollout.group_size = 16  # G
-    c.rollout.max_prompt_len = 512
-    c.rollout.max_new_tokens = 3072
-    c.critic.backend = "genprm"
     c.critic.path = ""  # required: Qwen2.5-7B-Instruct Hugging Face folder
     c.critic.model_id = "Qwen/Qwen2.5-7B-Instruct"
-    c.critic.devices = ""  # the policy's devices (every chip of the slice)
     c.critic.mesh.data, c.critic.mesh.fsdp, c.critic.mesh.tensor = -1, 1, 4
-    c.critic.num_critiques = 4  # M
-    c.critic.vote = "intersection"
     c.critic.batch_size = 16  # responses per critic call (x M rows)
-    c.critic.max_prompt_tokens = 4096
-    c.critic.max_new_tokens = 2048
     c.rl.micro_batch_size = 16  # one sequence per chip per micro-step
-    c.rl.num_minibatches = 4
-    c.rl.logprob_chunk = 256
-    c.optim.learning_rate = 1e-6
-    c.optim.warmup_steps = 10
-    c.optim.compute_dtype = "bfloat16"
-    c.checkpoint.every = 25
     return c

@@ -334,30 +334,23 @@ def _compare_in(comps: dict[str, Computation], comp: Computation, inst: Instruct
         root = inner.root
         if root.opcode != "compare" or len(root.operands) != 2:
             return None
-
-        def side(operand: str):
-            p = _through(inner, operand)
-            if p is None:
-                return None
-            if p.opcode == "constant":
-                return ("const", _int_literal(p))
-            if p.opcode == "parameter":
-                outer = inst.operands[int(p.literal)]
-                return _side(comp, outer)
-            return None
-
-        return _direction(root), side(root.operands[0]), side(root.operands[1])
+        return (_direction(root), _side(inner, root.operands[0], comp, inst),
+                _side(inner, root.operands[1], comp, inst))
     if inst.opcode != "compare" or len(inst.operands) != 2:
         return None
     return _direction(inst), _side(comp, inst.operands[0]), _side(comp, inst.operands[1])
 
 
-def _side(comp: Computation, name: str):
+def _side(comp: Computation, name: str, outer: Computation | None = None, fusion: Instruction | None = None):
+    """One side of a loop condition's compare: ('const', value), ('gte', tuple index) or None; a fused compare's
+    parameter is followed out to the `fusion`'s operand in `outer`."""
     p = _through(comp, name)
     if p is None:
         return None
     if p.opcode == "constant":
         return ("const", _int_literal(p))
+    if p.opcode == "parameter" and fusion is not None:
+        return _side(outer, fusion.operands[int(p.literal)])
     if p.opcode == "get-tuple-element":
         src = _through(comp, p.operands[0])
         if src is not None and src.opcode == "parameter":
