@@ -108,7 +108,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.critic.mesh = ml_collections.ConfigDict()  # the critic's own mesh over its devices (critic.devices, or all when shared)
     c.critic.mesh.data = -1  # critic data-parallel axis size (-1 fills the critic's devices)
     c.critic.mesh.fsdp = 1  # critic fsdp axis size (the inference rules replicate weights over it, like data)
-    c.critic.mesh.tensor = 1  # critic tensor-parallel axis size (heads / mlp / vocab split; a 70B-class critic needs 8-16)
+    c.critic.mesh.tensor = 1  # critic tensor-parallel axis size (heads / mlp / vocab split over it; a 72B critic in bf16 needs it 16+ wide on v5e)
     c.critic.model_id = ""  # hub id of the model critic.path holds (e.g. "Qwen/Qwen2.5-72B-Instruct"): capo_jax.plan reads its shapes from a preset when the path is unset
     c.critic.misjudge_prob = 0.0  # rule backend only: probability that the synthetic critic flips a step's verdict
     _merge_missing(c.critic, _optional_defaults("capo_jax.critic.genprm"))

@@ -257,7 +257,10 @@ def gather_weight(x: jax.Array, names: Sequence[str | None] | None, dtype: Any =
     for entry in stored.spec:
         axes = tuple(a for a in _as_tuple(entry) if a not in BATCH_AXES)
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return _gather(x, stored, NamedSharding(mesh, PartitionSpec(*entries)), dtype, x.dtype)
+    compute = PartitionSpec(*entries)
+    if compute == stored.spec:  # not split over a batch axis: nothing to gather
+        return x.astype(dtype)
+    return _gather(x, stored, NamedSharding(mesh, compute), dtype, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))

@@ -233,7 +233,8 @@ def render(plan: Plan, config_name: str) -> str:
                 lines.append(f"  {desc}: {result}")
             else:
                 verdict = "; ".join(f"{ph.phase} {_gib(ph.total)}/{_gib(ph.hbm)} GiB "
-                                    f"{'fits' if ph.fits else 'does not fit'}" for ph in result)
+                                    f"{f'fits ({ph.spare:.0%} spare)' if ph.fits else 'does not fit'}"
+                                    for ph in result)
                 lines.append(f"  {desc}: {verdict}")
     for note in plan.notes:
         lines.append(f"note: {note}")
