@@ -215,9 +215,9 @@ def relayout(x: jax.Array, names: Sequence[str | None], source_names: Sequence[s
     """`x` (laid out by `source_names`) constrained to the layout of logical `names` under the active
     `activation_sharding` (else `x`), with its cotangent constrained back to the source layout.
 
-    Why: the transpose of a plain sharding constraint constrains the cotangent to the same (gathered) layout, so
-    the gradient of an FSDP weight gathered for compute gets all-reduced; laid out like the weight it is
-    reduce-scattered instead (half the bytes, and no full-size gradient per device)."""
+    Why: the transpose of a plain sharding constraint pins the cotangent to the same (compute) layout; this one
+    leaves the gradient in the layout its source lives in (the vocab-parallel head's gradient goes straight back
+    to the embedding's FSDP layout, a chunk's hidden-state gradient to its rows)."""
     if getattr(_ACTIVATIONS, "value", None) is None:
         return x
     return _relayout(x, tuple(names), tuple(source_names))
