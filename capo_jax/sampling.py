@@ -13,6 +13,7 @@ programs `generate` runs for abstract inputs (the planner compiles them for TPU 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -282,8 +283,6 @@ def _constrain(x: Any, sharding: Any) -> Any:
 
 def _tracing(plan: _Plan):
     """Trace under the plan's activation sharding (and for its devices' platform) when it has a mesh."""
-    import contextlib
-
     return contextlib.nullcontext() if plan.mesh is None else parallel.activation_sharding(plan.mesh, plan.rules)
 
 
