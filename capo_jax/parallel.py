@@ -41,7 +41,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available: adjust the sizes or set one to -1")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except AssertionError:  # devices jax cannot map onto the physical torus (a v4 topology's cores, compiled ahead
+        # of time, show as two devices per chip): take them in their given order
+        return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def mesh_from_config(cfg: Mapping[str, Any] | Any, devices: Sequence[Any] | None = None) -> Mesh:

@@ -44,7 +44,9 @@ def mesh():
 
 def test_slice_devices():
     assert len(topology.devices("v5e-8")) == 8
-    assert len(topology.devices("v4-8")) == 8  # 4 chips, each core its own device
+    v4 = topology.devices("v4-8")
+    assert len(v4) == 8  # 4 chips, each core its own device: jax.make_mesh refuses them, make_mesh takes them in order
+    assert dict(parallel.make_mesh(data=2, fsdp=-1, devices=v4).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(ValueError, match="libtpu refused"):
         topology.devices("v5e:3x3")
 
