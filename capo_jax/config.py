@@ -98,6 +98,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.policy.path = ""  # Hugging Face folder or hub id (owner/name[@revision]) of the policy; "" with data.source="arithmetic" bootstraps the demo policy
     c.policy.param_dtype = "float32"  # master weights and optimizer state (keep float32)
     c.policy.remat = True  # recompute each layer's activations in the backward pass (memory ~1/L, about 1/3 more compute)
+    c.policy.model_id = ""  # hub id of the model policy.path holds (e.g. "Qwen/Qwen2.5-1.5B"): capo_jax.plan reads its shapes from a preset when the path is unset
 
     c.reference = ml_collections.ConfigDict()
     c.reference.path = ""  # frozen reference for the KL term (folder or hub id); "" = the policy's initial checkpoint; not loaded when rl.kl_coef == 0
@@ -109,7 +110,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1  # tensor-parallel axis size (heads / mlp split over it)
     c.mesh.policy_rules = "policy"  # logical-axis rules of the policy: policy | inference (capo_jax.parallel)
     c.mesh.reference_rules = "inference"  # logical-axis rules of the reference model
-    c.mesh.critic_rules = "inference"  # logical-axis rules of the critic model
+    c.mesh.critic_rules = "inference"  # logical-axis rules of the critic model (on the critic's own mesh, critic.mesh)
+    c.mesh.rollout_rules = "inference"  # logical-axis rules of the policy's rollout copy (compute dtype, resharded once per step)
+    c.mesh.topology = ""  # the TPU slice this config is sized for (e.g. "v5e-32"); capo_jax.plan's default --topology
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_step = 8  # P: prompts per RL step; the rollout batch is P * G responses
@@ -136,6 +139,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.critic.include_reference = True  # show the reference answer to the critic
     c.critic.dtype = "bfloat16"  # critic weights and compute dtype (it is frozen)
     c.critic.devices = ""  # "" = share the policy's devices; or its own slice: "last:4", "first:2", "4,5,6,7" (policy gets the rest)
+    c.critic.mesh = ml_collections.ConfigDict()  # the critic's own mesh over its devices (critic.devices, or all when shared)
+    c.critic.mesh.data = -1  # critic data-parallel axis size (-1 fills the critic's devices)
+    c.critic.mesh.fsdp = 1  # critic fsdp axis size (the inference rules replicate weights over it, like data)
+    c.critic.mesh.tensor = 1  # critic tensor-parallel axis size (heads / mlp / vocab split over it; a 72B critic in bf16 needs it 16+ wide on v5e)
+    c.critic.model_id = ""  # hub id of the model critic.path holds (e.g. "Qwen/Qwen2.5-72B-Instruct"): capo_jax.plan reads its shapes from a preset when the path is unset
     c.critic.misjudge_prob = 0.0  # rule backend only: probability that the synthetic critic flips a step's verdict
     _merge_missing(c.critic, _optional_defaults("capo_jax.critic.genprm"))
 
@@ -348,19 +356,24 @@ def _exists(path: str) -> bool:
     return path.startswith("gs://") or os.path.exists(path) or is_hub_id(path)
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """The policy mesh (data, fsdp, tensor) on `num_devices`, with the one -1 axis filled in."""
-    shape = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int, section: str = "mesh",
+               role: str = "policy") -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) mesh of config section `section` (the policy's `mesh`, or `critic.mesh`) on
+    `num_devices`, with the one -1 axis filled in."""
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    shape = [int(node.data), int(node.fsdp), int(node.tensor)]
     if shape.count(-1) > 1 or any(v == 0 or v < -1 for v in shape):
-        raise ConfigError(f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}: give positive sizes with at most one -1 (fill)")
+        raise ConfigError(f"{section} data={shape[0]} fsdp={shape[1]} tensor={shape[2]}: give positive sizes with at most one -1 (fill)")
     fixed = int(np.prod([v for v in shape if v != -1]))
     if -1 in shape:
         if num_devices % fixed:
-            raise ConfigError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the policy's {num_devices} devices: "
+            raise ConfigError(f"{section} data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the {role}'s {num_devices} devices: "
                               f"the fixed axes ({fixed}) must divide {num_devices}")
         shape[shape.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
-        raise ConfigError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the policy's {num_devices} devices: "
+        raise ConfigError(f"{section} data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the {role}'s {num_devices} devices: "
                           f"make the product {num_devices} (or set one axis to -1 to fill)")
     return shape[0], shape[1], shape[2]
 
@@ -417,6 +430,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     choice("mesh.policy_rules", RULE_SETS)
     choice("mesh.reference_rules", RULE_SETS)
     choice("mesh.critic_rules", RULE_SETS)
+    choice("mesh.rollout_rules", RULE_SETS)
 
     P, G = int(config.rollout.prompts_per_step), int(config.rollout.group_size)
     for key, value in (("rollout.prompts_per_step", P), ("rollout.group_size", G), ("critic.num_critiques", config.critic.num_critiques),
@@ -449,9 +463,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         raise ConfigError(f"rollout.max_new_tokens={T} is not divisible by rl.logprob_chunk={config.rl.logprob_chunk}: pick a divisor of {T}")
     if num_devices is not None:
         try:
-            policy_devices = len(role_devices(config, list(range(num_devices)))[0])
+            policy_list, critic_list = role_devices(config, list(range(num_devices)))
         except ValueError as exc:
             raise ConfigError(f"{exc}") from None
+        policy_devices = len(policy_list)
+        if config.critic.backend == "genprm" and config.reward.mode != "grpo":
+            mesh_shape(config, len(critic_list) if critic_list else num_devices, "critic.mesh", "critic")
         dp = data_parallel_size(config, policy_devices)
         if micro % dp:
             raise ConfigError(f"rl.micro_batch_size={micro} is not divisible by the data-parallel size {dp} (mesh data x fsdp): "

@@ -8,6 +8,7 @@ are dropped first, so `('data', 'fsdp')` can shrink to `('data',)`) -- tiny test
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Any, Iterator, Mapping, Sequence
@@ -40,7 +41,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available: adjust the sizes or set one to -1")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except AssertionError:  # devices jax cannot map onto the physical torus (a v4 topology's cores, compiled ahead
+        # of time, show as two devices per chip): take them in their given order
+        return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def mesh_from_config(cfg: Mapping[str, Any] | Any, devices: Sequence[Any] | None = None) -> Mesh:
@@ -56,6 +61,7 @@ def policy_rules() -> Rules:
         ("length", None),
         ("embed", "fsdp"),
         ("vocab", "tensor"),
+        ("head_vocab", ("tensor", "data", "fsdp")),  # the vocab projection in a vocab-parallel loss
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -73,6 +79,7 @@ def inference_rules() -> Rules:
         ("length", None),
         ("embed", None),
         ("vocab", "tensor"),
+        ("head_vocab", ("tensor", "data", "fsdp")),  # the vocab projection in a vocab-parallel loss
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -206,3 +213,113 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, mesh, rules, x.shape))
+
+
+def relayout(x: jax.Array, names: Sequence[str | None], source_names: Sequence[str | None]) -> jax.Array:
+    """`x` (laid out by `source_names`) constrained to the layout of logical `names` under the active
+    `activation_sharding` (else `x`), with its cotangent constrained back to the source layout.
+
+    Why: the transpose of a plain sharding constraint pins the cotangent to the same (compute) layout; this one
+    leaves the gradient in the layout its source lives in (the vocab-parallel head's gradient goes straight back
+    to the embedding's FSDP layout, a chunk's hidden-state gradient to its rows)."""
+    if getattr(_ACTIVATIONS, "value", None) is None:
+        return x
+    return _relayout(x, tuple(names), tuple(source_names))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _relayout(x, names, source_names):
+    return constrain(x, names)
+
+
+def _relayout_fwd(x, names, source_names):
+    return constrain(x, names), None
+
+
+def _relayout_bwd(names, source_names, _, g):
+    return (constrain(g, source_names),)
+
+
+_relayout.defvjp(_relayout_fwd, _relayout_bwd)
+
+
+def gather_weight(x: jax.Array, names: Sequence[str | None] | None, dtype: Any = None) -> jax.Array:
+    """A parameter's value for compute: cast to `dtype` (default: its own) and, under `activation_sharding`, laid
+    out as the rules say minus the batch axes (FSDP's all-gather, in the compute dtype, before each use). Its
+    gradient comes back in the parameter's dtype and stored layout: summed over devices in that dtype by a
+    reduce-scatter, never gathered.
+
+    Why: left to itself, XLA met FSDP weights split along a matmul's contracting dim by summing partial products
+    of activation size around the ring instead of gathering the (smaller) weight."""
+    dtype = x.dtype if dtype is None else jax.numpy.dtype(dtype)
+    active = getattr(_ACTIVATIONS, "value", None)
+    if active is None or names is None:
+        return x.astype(dtype)
+    mesh, rules = active
+    stored = logical_to_sharding(names, mesh, rules, x.shape)
+    entries = []
+    for entry in stored.spec:
+        axes = tuple(a for a in _as_tuple(entry) if a not in BATCH_AXES)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    compute = PartitionSpec(*entries)
+    if compute == stored.spec:  # not split over a batch axis: nothing to gather
+        return x.astype(dtype)
+    return _gather(x, stored, NamedSharding(mesh, compute), dtype, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(x, stored, compute, dtype, source_dtype):
+    return jax.lax.with_sharding_constraint(x.astype(dtype), compute)
+
+
+def _gather_fwd(x, stored, compute, dtype, source_dtype):
+    return _gather(x, stored, compute, dtype, source_dtype), None
+
+
+def _gather_bwd(stored, compute, dtype, source_dtype, _, g):
+    return (jax.lax.with_sharding_constraint(g.astype(source_dtype), stored),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` (None outside one)."""
+    active = getattr(_ACTIVATIONS, "value", None)
+    return None if active is None else active[0]
+
+
+def active_axis_size(name: str) -> int:
+    """How many ways the active `activation_sharding` splits logical axis `name` (1 outside one)."""
+    active = getattr(_ACTIVATIONS, "value", None)
+    return 1 if active is None else axis_size(active[0], active[1], name)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the active mesh's devices (a TPU topology compiled on a
+    CPU host says 'tpu'), else jax's default backend."""
+    mesh = active_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def axis_size(mesh: Mesh, rules: Rules, name: str) -> int:
+    """How many ways `rules` split the logical axis `name` on `mesh` (before any divisibility fallback)."""
+    table = dict(rules)
+    return math.prod(mesh.shape[a] for a in _as_tuple(table.get(name)) if a in mesh.shape)
+
+
+def kv_head_repeats(num_heads: int, num_kv_heads: int, mesh: Mesh | None, rules: Rules) -> int:
+    """How many times to repeat each KV head so the `kv_heads` axis splits evenly over the mesh axes the rules
+    give it (1 when it already does, or when no repetition also keeps the query heads grouped evenly).
+
+    Why: 8 KV heads cannot split 16 ways, and replicating them puts every head's KV cache on every device.
+    Repeating each head r times (an exact rewrite of grouped-query attention) gives each device whole heads."""
+    if mesh is None:
+        return 1
+    ways = axis_size(mesh, rules, "kv_heads")
+    if ways <= 1 or num_kv_heads % ways == 0:
+        return 1
+    r = ways // math.gcd(num_kv_heads, ways)
+    return r if num_heads % (num_kv_heads * r) == 0 else 1

@@ -5,9 +5,15 @@ batch buckets; each prompt is prefilled once and its cache broadcast to its `n` 
 holds sample `j` of prompt `i`; its random key derives from (rng, i, j, step) only, so results do not depend
 on bucket padding or device count. The jitted functions take the model's graphdef and a hashable plan as
 static arguments, so later calls with new weights or new prompts in the same bucket compile nothing.
+
+Rollouts are an inference workload: `InferenceCopy` turns a trained model (FSDP-sharded float32 master weights)
+into a compute-dtype copy in the inference layout by one jitted reshard, and `generate` runs on that copy; with a
+mesh, both programs are traced under the inference rules' activation sharding. `lower_generate` lowers the very
+programs `generate` runs for abstract inputs (the planner compiles them for TPU slices).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -19,11 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from capo_jax import parallel
 from capo_jax.models import KVCache, init_cache
 from capo_jax.models.config import canonical_dtype
 
-__all__ = ["GenerationResult", "SamplingParams", "TextGenerationResult", "generate", "generate_text",
-           "prompt_bucket", "batch_bucket"]
+__all__ = ["GenerationResult", "InferenceCopy", "SamplingParams", "TextGenerationResult", "batch_bucket", "generate",
+           "generate_text", "lower_generate", "prompt_bucket"]
 
 
 # ----------------------------------------------------------------------------- public types
@@ -132,6 +139,11 @@ class _Plan:
     cache_sharding: KVCache | None  # of NamedSharding, for the decode cache
     unstack: "_Unstack | None" = None  # run a scanned layer stack as separate layers (see `_unstack_layout`)
     per_layer_cache: bool = False  # one KV buffer per layer (when the layers run one by one)
+    rules: Any = None  # logical-axis rules of activations and cache (with a mesh)
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return None if self.row_sharding is None else self.row_sharding.mesh
 
     @property
     def rows(self) -> int:
@@ -226,8 +238,8 @@ def _row_keys(rng: jax.Array, prompt_idx: jax.Array, sample_idx: jax.Array, step
 def first_argmax(x: jax.Array) -> jax.Array:
     """int32 index of the first maximum along the last axis, as `jnp.argmax` (a NaN counts as the maximum).
 
-    Why: XLA:CPU runs argmax's (value, index) pair reduction about 5x slower than a max followed by a min over
-    matching indices (2.3 vs 0.5 ms for [32, 32768] here), and it runs once per decoded token."""
+    Why: XLA:CPU runs argmax's (value, index) pair reduction several times slower than a max followed by a min
+    over matching indices, and it runs once per decoded token."""
     m = jnp.max(x, axis=-1, keepdims=True)
     idx = jnp.arange(x.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where((x == m) | jnp.isnan(x), idx, x.shape[-1]), axis=-1)
@@ -269,10 +281,20 @@ def _constrain(x: Any, sharding: Any) -> Any:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def _tracing(plan: _Plan):
+    """Trace under the plan's activation sharding (and for its devices' platform) when it has a mesh."""
+    return contextlib.nullcontext() if plan.mesh is None else parallel.activation_sharding(plan.mesh, plan.rules)
+
+
 def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Array, mask: jax.Array,
              prompt_idx: jax.Array, valid: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
              stops: jax.Array) -> _Carry:
     """Prefill the bucketed prompts once, broadcast the cache to n samples, sample token 0 -> decode carry."""
+    with _tracing(plan):
+        return _prefill_body(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p, stops)
+
+
+def _prefill_body(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p, stops) -> _Carry:
     model = _merge(graphdef, state, plan.unstack)
     n = plan.n
     if not plan.share_prefix:
@@ -282,7 +304,7 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
     if plan.share_prefix and n == 1 or not plan.share_prefix:
         cache = _constrain(cache, plan.cache_sharding)
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    hidden, cache = model.hidden_states(ids, mask, positions, cache)
+    hidden, cache = model.hidden_states(ids, mask, positions, cache, empty_cache=True)
     logits = model.logits(hidden[:, -1])  # left padding: the last column is every row's last real token
     prompt_lens = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     if plan.share_prefix and n > 1:
@@ -309,7 +331,13 @@ def _prefill(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, ids: jax.Arr
 def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry, rng: jax.Array,
             temperature: jax.Array, top_p: jax.Array, stops: jax.Array) -> _Carry:
     """Feed the last token, sample the next, until every row stopped or `max_new` tokens exist."""
+    with _tracing(plan):
+        return _decode_body(graphdef, plan, state, carry, rng, temperature, top_p, stops)
+
+
+def _decode_body(graphdef, plan, state, carry, rng, temperature, top_p, stops) -> _Carry:
     model = _merge(graphdef, state, plan.unstack)  # outside the loop: any weight slicing happens once per call
+    head = model.head_weight()  # likewise the vocab projection's cast and layout
     ones = jnp.ones((plan.rows, 1), bool)
 
     def cond(c: _Carry) -> jax.Array:
@@ -318,7 +346,7 @@ def _decode(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, carry: _Carry
     def body(c: _Carry) -> _Carry:
         positions = (c.prompt_lens + c.step - 1)[:, None]
         hidden, cache = model.hidden_states(c.last[:, None], ones, positions, c.cache)
-        logits = model.logits(hidden[:, 0])
+        logits = model.logits(hidden[:, 0], head)
         keys = _row_keys(rng, c.prompt_idx, c.sample_idx, c.step)
         tok, lp = sample_logits(logits, keys, greedy=plan.greedy, top_k=plan.top_k, use_top_p=plan.use_top_p,
                                 temperature=temperature, top_p=top_p)
@@ -395,13 +423,13 @@ def _stop_ids(params: SamplingParams, config: Any) -> tuple[int, ...]:
 
 
 def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingParams,
-               mesh: Mesh | None, unstack: _Unstack | None = None) -> _Plan:
+               mesh: Mesh | None, unstack: _Unstack | None = None, rules: Any = None) -> _Plan:
     axes = _batch_axes(mesh)
     dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
     batch = batch_bucket(num_prompts, dp)
     if batch * params.n == 1 and _on_cpu(mesh) and canonical_dtype(config.dtype) != "float32":
-        # XLA:CPU lowers a 1-row bfloat16 dot to a slow naive loop (0.3 GB/s on the tied vocab projection here);
-        # a second (discarded, already-stopped) row puts every dot on the fast GEMM path.
+        # XLA:CPU lowers a 1-row bfloat16 dot to a slow naive loop; a second (discarded, already-stopped) row puts
+        # every dot on the fast GEMM path.
         batch = 2
     prompt_len = prompt_bucket(max_prompt, params.bucket_multiple)
     pad = params.pad_token_id if params.pad_token_id is not None else config.pad_token_id
@@ -414,13 +442,12 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
                  per_layer_cache=unstack is not None or not getattr(config, "scan_layers", True))
     if mesh is None:
         return plan
-    from capo_jax import parallel
-
+    rules = parallel.inference_rules() if rules is None else tuple(rules)
     abstract = jax.eval_shape(lambda: init_cache(config, plan.rows, plan.cache_len, plan.cache_dtype,
                                                  plan.per_layer_cache))
-    cache_sharding = parallel.cache_shardings(abstract, mesh, parallel.inference_rules())
+    cache_sharding = parallel.cache_shardings(abstract, mesh, rules)
     row_sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
-    return dataclasses.replace(plan, row_sharding=row_sharding, cache_sharding=cache_sharding)
+    return dataclasses.replace(plan, row_sharding=row_sharding, cache_sharding=cache_sharding, rules=rules)
 
 
 def _pad_prompts(prompts: list[np.ndarray], plan: _Plan) -> tuple[np.ndarray, ...]:
@@ -449,33 +476,50 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, rng: Any,
-             mesh: Mesh | None = None, *, unstack_layers: bool | None = None) -> GenerationResult:
-    """Sample `params.n` continuations of each token-id prompt; row `i * n + j` is sample j of prompt i.
+def _prompt_sharding(plan: _Plan) -> NamedSharding | None:
+    """Sharding of the prompt-batch inputs (ids, mask, prompt index, valid): rows over the batch axes."""
+    return None if plan.mesh is None else NamedSharding(plan.mesh, PartitionSpec(plan.row_sharding.spec[0]))
 
-    `model` is a `capo_jax.models.Transformer` (used live: its current weights). With `mesh`, rows go over the
-    ('data', 'fsdp') axes and cache heads over 'tensor'; the model state keeps the caller's sharding. `rng` is a
-    jax key (or an int seed). `unstack_layers` (default: on CPU) runs a scanned layer stack as separate layers,
-    slicing the weights once per call inside the jitted functions instead of once per decode step."""
+
+def _setup(model_type: type, graphdef: nnx.GraphDef, config: Any, num_prompts: int, max_prompt: int,
+           params: SamplingParams, mesh: Mesh | None, unstack_layers: bool | None, rules: Any) -> _Plan:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-    config = model.config
-    prompts = _check_prompts(prompts, config.vocab_size)
-    graphdef, state = nnx.split(model)
     if unstack_layers is None:
         unstack_layers = _on_cpu(mesh)
-    unstack = _unstack_layout(type(model), config, graphdef) if unstack_layers else None
-    plan = _make_plan(config, len(prompts), max(len(p) for p in prompts), params, mesh, unstack)
-    ids, mask, prompt_idx, valid = _pad_prompts(prompts, plan)
-    if mesh is not None:
-        in_sharding = NamedSharding(mesh, PartitionSpec(plan.row_sharding.spec[0]))
-        ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
-    rng = _as_key(rng)
+    unstack = _unstack_layout(model_type, config, graphdef) if unstack_layers else None
+    return _make_plan(config, num_prompts, max_prompt, params, mesh, unstack, rules)
+
+
+def _scalars(params: SamplingParams, config: Any, plan: _Plan) -> tuple[jax.Array, jax.Array, np.ndarray]:
+    """(temperature, top_p, stop ids padded with -1) as the jitted functions take them."""
     temperature = jnp.float32(params.temperature if not params.greedy else 1.0)
-    top_p = jnp.float32(params.top_p)
     stop_ids = _stop_ids(params, config)
     stops = np.full((plan.stop_slots,), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
+    return temperature, jnp.float32(params.top_p), stops
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, rng: Any,
+             mesh: Mesh | None = None, *, unstack_layers: bool | None = None, rules: Any = None) -> GenerationResult:
+    """Sample `params.n` continuations of each token-id prompt; row `i * n + j` is sample j of prompt i.
+
+    `model` is a `capo_jax.models.Transformer` (used as is: its current weights, dtype and layout; for a trained
+    policy pass an `InferenceCopy`'s model). With `mesh`, rows go over the ('data', 'fsdp') axes, and activations
+    and the cache follow `rules` (default `parallel.inference_rules()`: cache heads over 'tensor'). `rng` is a jax
+    key (or an int seed). `unstack_layers` (default: on CPU) runs a scanned layer stack as separate layers,
+    slicing the weights once per call inside the jitted functions instead of once per decode step."""
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    graphdef, state = nnx.split(model)
+    plan = _setup(type(model), graphdef, config, len(prompts), max(len(p) for p in prompts), params, mesh,
+                  unstack_layers, rules)
+    ids, mask, prompt_idx, valid = _pad_prompts(prompts, plan)
+    if mesh is not None:
+        in_sharding = _prompt_sharding(plan)
+        ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
+    rng = _as_key(rng)
+    temperature, top_p, stops = _scalars(params, config, plan)
     carry = _PREFILL(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p, stops)
     carry = _DECODE(graphdef, plan, state, carry, rng, temperature, top_p, stops)
     rows = len(prompts) * plan.n
@@ -483,9 +527,96 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
                             lengths=_to_host(carry.lengths)[:rows])
 
 
+def lower_generate(model: nnx.Module, num_prompts: int, prompt_len: int, params: SamplingParams, mesh: Mesh, *,
+                   rules: Any = None, unstack_layers: bool | None = None) -> tuple[Any, Any, Any]:
+    """The (prefill, decode) programs `generate` would run for `num_prompts` prompts of up to `prompt_len` tokens,
+    lowered for abstract inputs on `mesh`, and the decode loop's carry (ShapeDtypeStructs with shardings: its KV
+    cache is `carry.cache`). `model` may be abstract (`nnx.eval_shape`, leaves ShapeDtypeStructs carrying their
+    shardings). Compile the programs with `.compile()`; nothing runs."""
+    config = model.config
+    graphdef, state = nnx.split(model)
+    plan = _setup(type(model), graphdef, config, num_prompts, prompt_len, params, mesh, unstack_layers, rules)
+    rep = NamedSharding(mesh, PartitionSpec())
+    rows = _prompt_sharding(plan)
+    shape = (plan.batch, plan.prompt_len)
+    inputs = (jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows), jax.ShapeDtypeStruct(shape, bool, sharding=rows),
+              jax.ShapeDtypeStruct((plan.batch,), jnp.int32, sharding=rows),
+              jax.ShapeDtypeStruct((plan.batch,), bool, sharding=rows))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    stops = jax.ShapeDtypeStruct((plan.stop_slots,), jnp.int32, sharding=rep)
+    prefill = _PREFILL.lower(graphdef, plan, state, *inputs, key, scalar, scalar, stops)
+    shapes = jax.eval_shape(functools.partial(_prefill, graphdef, plan), state, *inputs, key, scalar, scalar, stops)
+    carry_sharding = _Carry(cache=plan.cache_sharding, **{f: plan.row_sharding for f in _Carry._fields[1:-1]},
+                            step=rep)
+    carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, carry_sharding)
+    decode = _DECODE.lower(graphdef, plan, state, carry, key, scalar, scalar, stops)
+    return prefill, decode, carry
+
+
+class InferenceCopy:
+    """A model's weights in its compute dtype and an inference layout on `mesh` (default rules:
+    `parallel.inference_rules()`), made from a live model by one jitted reshard: what the sampler should read in
+    its decode loop, never FSDP-sharded float32 master weights (tunix keeps its rollout model the same way).
+
+    `refresh(model)` makes a fresh copy from the model's current weights (once per RL step, after the update).
+    KV heads that do not split evenly over the rules' `kv_heads` axes are repeated in the copy
+    (`parallel.kv_head_repeats`). When the copy would equal the model (same dtype, layout and heads), `refresh`
+    returns the model itself."""
+
+    def __init__(self, model: nnx.Module, mesh: Mesh | None, rules: Any = None, *, donate: bool = False) -> None:
+        from capo_jax.models.transformer import repeat_kv_heads
+
+        self.mesh = mesh
+        self.rules = parallel.inference_rules() if rules is None else tuple(rules)
+        config = model.config
+        repeats = parallel.kv_head_repeats(config.num_heads, config.num_kv_heads, mesh, self.rules)
+        self.repeats = repeats
+        self.config = config.replace(param_dtype=config.dtype, num_kv_heads=config.num_kv_heads * repeats)
+        abstract = nnx.eval_shape(lambda: type(model)(self.config, rngs=nnx.Rngs(0)))
+        self.graphdef, self._abstract = nnx.split(abstract)
+        self.shardings = None if mesh is None else parallel.state_shardings(self._abstract, mesh, self.rules)
+        dtype = jnp.dtype(config.dtype)
+
+        def convert(state):
+            state = jax.tree.map(lambda v: v.replace(v[...].astype(dtype)), state,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+            return repeat_kv_heads(config, state, repeats)[1]
+
+        self._convert = jax.jit(convert, out_shardings=self.shardings, donate_argnums=(0,) if donate else ())
+
+    def _unchanged(self, state: nnx.State) -> bool:
+        """Whether the copy would hold exactly what `state` holds (dtype, heads and, with a mesh, sharding)."""
+        if self.repeats != 1:
+            return False
+        leaves = jax.tree.leaves(state)
+        targets = jax.tree.leaves(self.shardings) if self.shardings is not None else [None] * len(leaves)
+        for x, s in zip(leaves, targets):
+            if x.dtype != jnp.dtype(self.config.dtype):
+                return False
+            if s is not None and not x.sharding.is_equivalent_to(s, x.ndim):
+                return False
+        return True
+
+    def refresh(self, model: nnx.Module) -> nnx.Module:
+        """A model with `model`'s current weights in the copy's dtype, layout and heads."""
+        state = nnx.state(model)
+        if self._unchanged(state):
+            return model
+        return nnx.merge(self.graphdef, self._convert(state))
+
+    def abstract(self) -> nnx.Module:
+        """The copy as an abstract model (leaves ShapeDtypeStructs with their shardings), for `lower_generate`."""
+        if self.shardings is None:
+            return nnx.merge(self.graphdef, self._abstract)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self._abstract,
+                             self.shardings)
+        return nnx.merge(self.graphdef, state)
+
+
 def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, rng: Any,
                   mesh: Mesh | None = None, *, add_special_tokens: bool = True,
-                  unstack_layers: bool | None = None) -> TextGenerationResult:
+                  unstack_layers: bool | None = None, rules: Any = None) -> TextGenerationResult:
     """`generate` on strings: encode with `tokenizer` (a transformers tokenizer), also stop at its EOS, and
     decode each sample without its stop token and special tokens."""
     if isinstance(prompts, str):
@@ -494,7 +625,7 @@ def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], par
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not params.ignore_eos:
         params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
-    result = generate(model, ids, params, rng, mesh, unstack_layers=unstack_layers)
+    result = generate(model, ids, params, rng, mesh, unstack_layers=unstack_layers, rules=rules)
     stops = set(_stop_ids(params, model.config))
     texts = []
     for row, length in zip(result.tokens, result.lengths):

@@ -76,9 +76,9 @@ def counted(monkeypatch):
     calls: list[tuple[int, int]] = []
     real = genprm.generate
 
-    def wrapper(model, prompts, params, rng, mesh=None):
+    def wrapper(model, prompts, params, rng, mesh=None, **kw):
         calls.append((len(prompts), params.n))
-        return real(model, prompts, params, rng, mesh=mesh)
+        return real(model, prompts, params, rng, mesh=mesh, **kw)
 
     monkeypatch.setattr(genprm, "generate", wrapper)
     return calls

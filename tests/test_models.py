@@ -317,3 +317,45 @@ def test_cache_overflow_is_refused_outside_jit():
     cache = init_cache(model.config, 1, 4)
     with pytest.raises(ValueError, match="KV cache full"):
         model(_ids(1, 5, vocab=97), cache=cache)
+
+
+def test_empty_cache_prefill_attends_among_its_own_tokens(tiny):
+    """A prefill into an empty cache (blockwise causal over the new tokens) equals attention over every cache slot,
+    and writes the same keys and values."""
+    _, folder = tiny["qwen2"]
+    model = from_pretrained(folder)
+    ids = _ids(3, 11, seed=5)
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    graphdef, state = nnx.split(model)
+
+    def prefill(empty):
+        def run(state, ids, mask):
+            cache = init_cache(model.config, 3, 24)
+            return nnx.merge(graphdef, state).hidden_states(ids, mask, cache=cache, empty_cache=empty)
+        return jax.jit(run)(state, ids, mask)
+
+    h_block, c_block = prefill(True)
+    h_full, c_full = prefill(False)
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(h_block)[valid] - np.asarray(h_full)[valid]).max() < 1e-5 * np.abs(h_full).max()
+    # keys of real tokens agree (a pad slot's key is never read: its mask bit is off in both caches)
+    k_block, k_full = np.asarray(c_block.k)[:, :, :, :11], np.asarray(c_full.k)[:, :, :, :11]
+    np.testing.assert_allclose(k_block.transpose(1, 3, 0, 2, 4)[valid], k_full.transpose(1, 3, 0, 2, 4)[valid],
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c_block.mask), np.asarray(c_full.mask))
+    assert int(c_block.index) == int(c_full.index) == 11
+
+
+def test_repeated_kv_heads_give_the_same_logits():
+    from capo_jax.models.transformer import repeat_kv_heads
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=8, num_kv_heads=2,
+                      head_dim=8, attention_bias=True, model_type="qwen2")
+    model = create_model(cfg, seed=1)
+    graphdef, state = nnx.split(model)
+    new_cfg, new_state = repeat_kv_heads(cfg, state, 2)
+    assert new_cfg.num_kv_heads == 4 and new_state["layers"]["attn"]["k"][...].shape[1] == 4
+    twin = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(new_cfg, rngs=nnx.Rngs(0))))[0], new_state)
+    ids = _ids(2, 9, seed=6, vocab=97)
+    np.testing.assert_allclose(np.asarray(forward(twin, ids)), np.asarray(forward(model, ids)), rtol=1e-5, atol=1e-5)

@@ -129,3 +129,46 @@ def test_sharded_model_exports_the_same_weights(tmp_path):
     assert sorted(a.keys()) == sorted(b.keys())
     for k in a.keys():
         np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=k)
+
+
+def test_kv_head_repeats_split_heads_evenly_or_not_at_all():
+    rules = parallel.inference_rules()
+    tp8 = parallel.make_mesh(data=1, fsdp=1, tensor=8)
+    assert parallel.kv_head_repeats(64, 8, tp8, rules) == 1  # 8 KV heads already split 8 ways
+    assert parallel.kv_head_repeats(32, 2, tp8, rules) == 4  # 2 -> 8
+    assert parallel.kv_head_repeats(28, 4, tp8, rules) == 1  # 28 query heads cannot group over 8 KV heads
+    assert parallel.kv_head_repeats(8, 2, parallel.make_mesh(data=8), rules) == 1  # no tensor axis
+    assert parallel.kv_head_repeats(8, 2, None, rules) == 1
+
+
+def test_relayout_keeps_values_and_gradients():
+    """Under activation sharding the value is laid out by `names` (here gathered); values and gradients equal the
+    plain computation's (which layout the compiler gives the gradient is a TPU compile check)."""
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    rules = parallel.policy_rules()
+    w = jax.device_put(jnp.arange(64.0 * 16).reshape(64, 16) / 100,
+                       parallel.logical_to_sharding(("vocab", "embed"), mesh, rules))
+    x = jnp.ones((4, 16))
+
+    def loss(w):
+        with parallel.activation_sharding(mesh, rules):
+            g = parallel.relayout(w, ("vocab", None), ("vocab", "embed"))
+            return jnp.sum(jnp.tanh(x @ g.T)), g
+
+    (value, gathered), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(w)
+    assert gathered.sharding.is_fully_replicated
+    ref_value, ref_grad = jax.value_and_grad(lambda w: jnp.sum(jnp.tanh(x @ w.T)))(np.asarray(w))
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
+    assert parallel.relayout(w, ("vocab", None), ("vocab", "embed")) is w  # outside activation sharding: nothing
+
+
+def test_target_platform_follows_the_traced_mesh():
+    from capo_jax.models.linear import weight_major
+
+    mesh = parallel.make_mesh(data=8)
+    assert parallel.target_platform() == jax.default_backend()
+    with parallel.activation_sharding(mesh, parallel.policy_rules()):
+        assert parallel.target_platform() == "cpu" and parallel.active_mesh() is mesh
+        assert weight_major(8, jnp.float32)
+    assert not weight_major(8, jnp.float32, platform="tpu")

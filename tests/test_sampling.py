@@ -281,3 +281,32 @@ def test_categorical_draws_equal_jax_random_categorical():
     ours = jax.jit(_categorical)(keys, z)
     ref = jax.jit(jax.vmap(jax.random.categorical))(keys, z)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def test_inference_copy_of_fsdp_master_weights_samples_the_same_tokens(checkpoints, tmp_path_factory):
+    """An FSDP-sharded float32 policy's inference copy (compute dtype, inference layout, KV heads repeated so they
+    split over 'tensor') generates exactly what the unsharded model generates; an already-fitting model is its own
+    copy."""
+    from capo_jax.sampling import InferenceCopy
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices (tests/conftest.py sets them)")
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("copy"), "qwen2", tokenizer=False,
+                                num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    prompts = _prompts(12, lengths=(4, 11, 6, 2))
+    single = generate(from_pretrained(path), prompts, GREEDY, jax.random.key(0))
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
+    policy = from_pretrained(path, mesh=mesh, rules=parallel.policy_rules())
+    copy = InferenceCopy(policy, mesh)
+    rollout = copy.refresh(policy)
+    assert copy.repeats == 2 and rollout.config.num_kv_heads == 4  # 2 KV heads over tensor=4
+    k = nnx.state(rollout)["layers"]["attn"]["k"][...]
+    assert k.shape[1] == 4 and k.sharding.spec[1] == "tensor" and k.sharding.spec[3] is None  # embed not FSDP
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(nnx.state(rollout)))
+    got = generate(rollout, prompts, GREEDY, jax.random.key(0), mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, single.tokens)
+    np.testing.assert_allclose(got.logprobs, single.logprobs, atol=1e-4)
+    unsharded = from_pretrained(path)
+    assert InferenceCopy(unsharded, None).refresh(unsharded) is unsharded
+    bf16 = InferenceCopy(from_pretrained(path, dtype="bfloat16", param_dtype="float32"), None)
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(nnx.state(bf16.refresh(unsharded))))

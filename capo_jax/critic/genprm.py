@@ -1,8 +1,10 @@
 """The Flax GenPRM critic: a frozen instruct LLM that writes M step critiques per response.
 
-The model is loaded with `capo_jax.models.from_pretrained` and sharded by the inference rules,
-either on the policy's mesh or on its own slice of the devices. Each request's prompt is
-prefilled once and sampled M times (`SamplingParams(n=M)`); the texts go to the shared parser.
+The model is loaded with `capo_jax.models.from_pretrained` and sharded by the critic's rules
+(`mesh.critic_rules`, default the inference rules) on a mesh of its own (`critic.mesh`), over the
+policy's devices or its own slice of them (`critic.devices`); KV heads that do not split evenly over
+the tensor axis are repeated (`sampling.InferenceCopy`). Each request's prompt is prefilled once and
+sampled M times (`SamplingParams(n=M)`); the texts go to the shared parser.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 from capo_jax.critic.base import CriticStats, CritiqueRequest
 from capo_jax.critic.prompt import (DEFAULT_OUTCOME_TEMPLATE, DEFAULT_TEMPLATE, PromptTemplate, render_outcome_prompt,
                                     render_prompt)
-from capo_jax.sampling import SamplingParams, generate
+from capo_jax.sampling import InferenceCopy, SamplingParams, generate
 
 # Fields of the `critic` config section this backend reads (the config schema copies them).
 DEFAULTS: dict[str, Any] = {
@@ -28,7 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,  # sampling temperature of the critiques (M samples should differ)
     "top_p": 1.0,  # nucleus sampling threshold (1.0 = off)
     "batch_size": 8,  # requests prefilled together per generate call (x M sampled rows)
-    "devices": "",  # "" = the policy's mesh; or device indices "0,1" / [0, 1] / "first:4" / "last:4"
+    "devices": "",  # "" = the policy's devices; or device indices "0,1" / [0, 1] / "first:4" / "last:4"
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # the critic's own mesh over its devices (-1 fills)
     "index_base": 0,  # number of the first step in the rendered prompt and in the verdicts
     "template": "default",  # critic prompt template name: a key of genprm.TEMPLATES
 }
@@ -127,6 +130,29 @@ def _cfg_get(cfg: Any, key: str) -> Any:
     return getattr(cfg, key, DEFAULTS[key])
 
 
+def critic_mesh(critic_cfg: Any, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The critic's mesh: `critic_cfg.mesh` (data, fsdp, tensor; one may be -1) over the devices
+    `critic_cfg.devices` names, or over `devices` (default: all of jax's) when it shares the policy's."""
+    from capo_jax.parallel import mesh_from_config
+
+    devices = list(jax.devices() if devices is None else devices)
+    own = select_devices(_cfg_get(critic_cfg, "devices"), devices)
+    shape = _cfg_get(critic_cfg, "mesh")
+    shape = shape.to_dict() if hasattr(shape, "to_dict") else dict(shape)
+    try:
+        return mesh_from_config(shape, devices=own if own is not None else devices)
+    except ValueError as err:
+        raise ValueError(f"critic.mesh={shape} on {len(own if own is not None else devices)} critic devices: "
+                         f"{err}") from err
+
+
+def sampling_params(num_samples: int, *, temperature: float, top_p: float, max_new_tokens: int,
+                    stop_tokens: Sequence[int] = ()) -> SamplingParams:
+    """How the critic samples its `num_samples` critiques of each prompt."""
+    return SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          stop_token_ids=tuple(stop_tokens))
+
+
 class GenPRMCritic:
     """A generative process reward model on a Flax `Transformer`: implements `critic.base.Critic`."""
 
@@ -144,12 +170,14 @@ class GenPRMCritic:
         index_base: int = DEFAULTS["index_base"],
         template: str | PromptTemplate = DEFAULTS["template"],
         stop_tokens: Sequence[int] | None = None,
+        rules: Any = None,
     ) -> None:
         check_settings(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        temperature=temperature, top_p=top_p)
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.rules = rules
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
@@ -161,15 +189,15 @@ class GenPRMCritic:
         self._stats = CriticStats()
 
     @classmethod
-    def from_config(cls, critic_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
-                    rules: Any = None) -> "GenPRMCritic":
+    def from_config(cls, critic_cfg: Any, *, mesh: jax.sharding.Mesh | None = None, rules: Any = None,
+                    devices: Sequence[jax.Device] | None = None) -> "GenPRMCritic":
         """Load the checkpoint and tokenizer at `critic_cfg.path` and shard them by `rules` (default:
-        `inference_rules()`), on `mesh` (the policy's) or on the devices `critic_cfg.devices` names
-        (then a mesh of its own with every one of those devices on the `tensor` axis)."""
+        `inference_rules()`) on `mesh`, or else on `critic_mesh(critic_cfg, devices)`; KV heads that do not
+        split evenly over the rules' tensor axis are repeated."""
         from transformers import AutoTokenizer
 
         from capo_jax.models import from_pretrained
-        from capo_jax.parallel import inference_rules, make_mesh
+        from capo_jax.parallel import inference_rules
 
         path = _cfg_get(critic_cfg, "path")
         if not path or not os.path.isdir(path):
@@ -180,14 +208,12 @@ class GenPRMCritic:
         check_settings(**settings)
         template = _cfg_get(critic_cfg, "template")
         resolve_template(template)
-        devices = select_devices(_cfg_get(critic_cfg, "devices"))
-        if devices is not None:
-            mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
-        elif mesh is None:
-            mesh = make_mesh()
+        if mesh is None:
+            mesh = critic_mesh(critic_cfg, devices)
+        rules = inference_rules() if rules is None else tuple(rules)
         dtype = _cfg_get(critic_cfg, "dtype")
-        model = from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh,
-                                rules=inference_rules() if rules is None else rules)
+        model = from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules)
+        model = InferenceCopy(model, mesh, rules, donate=True).refresh(model)  # repeats KV heads where needed
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(
             model,
@@ -197,6 +223,7 @@ class GenPRMCritic:
             template=template,
             **settings,
             stop_tokens=stop_token_ids(tokenizer, path),
+            rules=rules,
         )
 
     @property
@@ -252,13 +279,13 @@ class GenPRMCritic:
         keep = sorted((i for i, ids in enumerate(encoded) if 0 < len(ids) <= self.max_prompt_tokens),
                       key=lambda i: len(encoded[i]))
         out: list[list[str]] = [[] for _ in prompts]
-        params = SamplingParams(n=num_samples, temperature=self.temperature, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_tokens))
+        params = sampling_params(num_samples, temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=self.max_new_tokens, stop_tokens=self.stop_tokens)
         prompt_tokens = generated = 0
         for lo in range(0, len(keep), self.batch_size):
             chunk = keep[lo: lo + self.batch_size]
             key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
-            result = generate(self.model, [encoded[i] for i in chunk], params, key, mesh=self.mesh)
+            result = generate(self.model, [encoded[i] for i in chunk], params, key, mesh=self.mesh, rules=self.rules)
             tokens = np.asarray(result.tokens)
             lengths = np.asarray(result.lengths)
             for c, i in enumerate(chunk):

@@ -1,9 +1,10 @@
 """Weight matmuls in Hugging Face's [out, in] layout, x[..., in] -> [..., out], oriented for the faster kernel.
 
-Why: on XLA:CPU a float32 product with few rows runs up to 2x faster as w @ x^T (the weight streamed as the
-left operand) than as x @ w^T: 36 MLP matrices of a decode step at 8 rows took 10.0 vs 19.6 ms, at 32 rows
-20.9 vs 32.5 ms; from about 128 rows on the usual orientation wins (at 512: 281 vs 332 ms), and for
-bfloat16 it always does. An optimization barrier keeps XLA from folding the transpose back into the dot.
+Why: XLA:CPU runs a float32 product with few rows faster as w @ x^T (the weight streamed as the left operand)
+than as x @ w^T; from a few hundred rows on, and for bfloat16 always, the usual orientation wins. Accelerators
+take the usual orientation. The choice follows the devices the program is traced for (the mesh of the enclosing
+`parallel.activation_sharding`, else jax's default backend), so a TPU program traced on a CPU host is not given
+the CPU layout. An optimization barrier keeps XLA from folding the transpose back into the dot.
 """
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ import math
 import jax
 import jax.numpy as jnp
 
+from capo_jax import parallel
 from capo_jax.models.einsum import einsum
 
 F32 = jnp.float32
-WEIGHT_MAJOR_MAX_ROWS = 128  # float32 on CPU: w @ x^T up to this many rows (measured crossover 128-512)
+WEIGHT_MAJOR_MAX_ROWS = 128  # float32 on CPU: w @ x^T up to this many rows (the crossover measured on XLA:CPU)
 
 
-def weight_major(rows: int, compute_dtype) -> bool:
-    """Whether `linear` streams the weight as the left operand for this many rows in this dtype. `rows` counts
-    the whole (global) batch and the backend is the default one at trace time: a speed choice only, both
-    orientations give the same values."""
-    return (jnp.dtype(compute_dtype) == F32 and rows <= WEIGHT_MAJOR_MAX_ROWS
-            and jax.default_backend() == "cpu")
+def weight_major(rows: int, compute_dtype, platform: str | None = None) -> bool:
+    """Whether `linear` streams the weight as the left operand for this many rows in this dtype on `platform`
+    (default: the platform being traced for, see `parallel.target_platform`). `rows` counts the whole (global)
+    batch. A speed choice only: both orientations give the same values."""
+    platform = parallel.target_platform() if platform is None else platform
+    return jnp.dtype(compute_dtype) == F32 and rows <= WEIGHT_MAJOR_MAX_ROWS and platform == "cpu"
 
 
 def linear(x: jax.Array, w: jax.Array, compute_dtype, out_dtype=None) -> jax.Array:

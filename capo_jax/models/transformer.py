@@ -44,6 +44,17 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...]
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _weight(param: nnx.Variable, dtype) -> jax.Array:
+    """A parameter's value in the compute dtype, gathered for compute under activation sharding (FSDP: once per
+    use, its gradient reduce-scattered back; see `parallel.gather_weight`). Inside the layer scan a stacked
+    parameter arrives as one layer's slice: its names lose the leading `layers`."""
+    value = param[...]
+    names = parallel.variable_names(param)
+    if names is not None and len(names) == value.ndim + 1 and names[0] == "layers":
+        names = names[1:]
+    return parallel.gather_weight(value, names, dtype)
+
+
 def _head_proj(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """x[B,T,E] through a per-head kernel w[heads, D, E] -> [B,T,heads,D], as one 2D matmul over the flattened
     [heads*D, E] kernel: with the 3D einsum XLA:CPU transposed the kernel on every call (per decode step)."""
@@ -62,7 +73,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return _weight(self.scale, x.dtype) * y.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -132,19 +143,21 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
                  layer: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x[B,T,E] -> [B,T,E]. Without `kv`, `allowed` is the key padding mask bool[B,T] of causal self-attention;
-        with it, `allowed` bool[B,T,S] says which key slots each query sees. With `kv` (the whole cache: stacked
-        `[layers,B,KV,S,D]` arrays or tuples of per-layer `[B,KV,S,D]` buffers), the new keys/values are written at
-        `layer`, slots `index..`."""
+        """x[B,T,E] -> [B,T,E]. With `kv` (the whole cache: stacked `[layers,B,KV,S,D]` arrays or tuples of per-layer
+        `[B,KV,S,D]` buffers) the new keys/values are written at `layer`, slots `index..`. `allowed` is either the key
+        padding mask bool[B,T] of causal self-attention among the new tokens (no cache, or an empty one: a prefill
+        attends block by block over its own keys, never over the whole cache), or bool[B,T,S]: which cache slots
+        each query sees."""
         cfg, dt = self.cfg, x.dtype
-        q, k, v = (_head_proj(x, w[...], dt) for w in (self.q, self.k, self.v))
+        q, k, v = (_head_proj(x, _weight(w, dt), dt) for w in (self.q, self.k, self.v))
         if cfg.attention_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q = q + _weight(self.q_bias, dt)
+            k = k + _weight(self.k_bias, dt)
+            v = v + _weight(self.v_bias, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_new, v_new = k, v
         if kv is not None:
             k_all, v_all = kv
             if isinstance(k_all, tuple):  # per-layer buffers (layers run one by one: `layer` is a Python int)
@@ -160,11 +173,14 @@ class Attention(nnx.Module):
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
                 v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
                 kv = (k_all, v_all)
-        out = causal_attend(q, k, v, allowed) if kv is None else attend(q, k, v, allowed, heads_major=True)
+        if allowed.ndim == 2:
+            out = causal_attend(q, k_new, v_new, allowed)
+        else:
+            out = attend(q, k, v, allowed, heads_major=True)
         b, t, h, d = out.shape
-        out = linear(out.reshape(b, t, h * d), self.o[...].reshape(-1, h * d), dt)
+        out = linear(out.reshape(b, t, h * d), _weight(self.o, dt).reshape(-1, h * d), dt)
         if cfg.attention_out_bias:
-            out = out + self.o_bias[...].astype(dt)
+            out = out + _weight(self.o_bias, dt)
         return out, kv
 
 
@@ -188,7 +204,8 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (e, m), ("embed", "mlp"), cfg, stack, "normal")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return swiglu_mlp(x, self.gate[...], self.up[...], self.down[...], x.dtype)
+        dt = x.dtype
+        return swiglu_mlp(x, _weight(self.gate, dt), _weight(self.up, dt), _weight(self.down, dt), dt)
 
 
 class Block(nnx.Module):
@@ -228,16 +245,18 @@ class Transformer(nnx.Module):
     # -- public API
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None):
-        out = self.hidden_states(input_ids, attention_mask, positions, cache)
+                 positions: jax.Array | None = None, cache: KVCache | None = None, *, empty_cache: bool = False):
+        out = self.hidden_states(input_ids, attention_mask, positions, cache, empty_cache=empty_cache)
         if cache is None:
             return self.logits(out)
         hidden, cache = out
         return self.logits(hidden), cache
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None):
-        """Final normed hidden states [B,T,E] in the compute dtype (and the updated cache when one is given)."""
+                      positions: jax.Array | None = None, cache: KVCache | None = None, *, empty_cache: bool = False):
+        """Final normed hidden states [B,T,E] in the compute dtype (and the updated cache when one is given).
+        `empty_cache=True` promises the cache holds no tokens yet (a prefill): attention then runs blockwise causal
+        among the new tokens instead of over every slot of the cache."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -257,11 +276,15 @@ class Transformer(nnx.Module):
                                  "per_layer=False) with a scan_layers=True model")
             index = jnp.asarray(cache.index, jnp.int32)
             new_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, index))
-            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-            causal = slots[None, :] <= (index + jnp.arange(t, dtype=jnp.int32))[:, None]
-            allowed = new_mask[:, None, :] & causal[None]
+            if empty_cache:
+                allowed = am  # the new tokens see each other only: blockwise causal, as without a cache
+            else:
+                slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+                causal = slots[None, :] <= (index + jnp.arange(t, dtype=jnp.int32))[:, None]
+                allowed = new_mask[:, None, :] & causal[None]
             kv = (cache.k, cache.v)
 
+        # the lookup reads a few rows: the table stays as stored (XLA gathers rows, not the whole table)
         x = parallel.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype), _ACT)
         x, kv = self._run_layers(x, cos, sin, allowed, kv, index)
         hidden = self.norm(x)
@@ -269,12 +292,21 @@ class Transformer(nnx.Module):
             return hidden
         return hidden, KVCache(k=kv[0], v=kv[1], mask=new_mask, index=index + t)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """float32 logits [..., V] from final hidden states [..., E]."""
-        dt = self.config.compute_dtype
+    def head_weight(self, names: tuple = ("vocab", None)) -> jax.Array:
+        """The vocab projection [V, E] (the tied embedding or lm_head) in the compute dtype, laid out for the matmul
+        by logical `names` (default: vocab split per the rules, embed whole; under FSDP one all-gather, whose
+        gradient is reduce-scattered back). Take it once and pass it to every `logits(..., head=)` call of a loop,
+        rather than laying it out again per call."""
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        out = linear(hidden, head[...], dt, F32)
-        return parallel.constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
+        return parallel.relayout(head[...].astype(self.config.compute_dtype), names, ("vocab", "embed"))
+
+    def logits(self, hidden: jax.Array, head: jax.Array | None = None,
+               names: tuple = ("batch", "length", "vocab")) -> jax.Array:
+        """float32 logits [..., V] from final hidden states [..., E] (`head`: a `head_weight()` taken earlier;
+        `names`: the logical layout of 3D logits under activation sharding)."""
+        dt = self.config.compute_dtype
+        out = linear(hidden, self.head_weight() if head is None else head, dt, F32)
+        return parallel.constrain(out, names) if out.ndim == 3 else out
 
     # -- internals
 
@@ -321,6 +353,23 @@ def default_positions(attention_mask: jax.Array, already: jax.Array | None = Non
     return jnp.maximum(pos, 0).astype(jnp.int32)
 
 
+def repeat_kv_heads(config: ModelConfig, state: nnx.State, repeats: int) -> tuple[ModelConfig, nnx.State]:
+    """The same model with each KV head repeated `repeats` times: config with `num_kv_heads * repeats` and a state
+    whose variables with a `kv_heads` axis (k, v kernels and biases) repeat along it. Exact for grouped-query
+    attention: query head j reads KV head j // (H / KV) either way."""
+    if repeats == 1:
+        return config, state
+
+    def one(var):
+        names = parallel.variable_names(var) if isinstance(var, nnx.Variable) else None
+        if not names or "kv_heads" not in names:
+            return var
+        return var.replace(jnp.repeat(var[...], repeats, axis=names.index("kv_heads")))
+
+    state = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return config.replace(num_kv_heads=config.num_kv_heads * repeats), state
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of parameter scalars in a model."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -329,7 +378,7 @@ def count_params(model: nnx.Module) -> int:
 def create_model(config: ModelConfig, *, seed: int = 0, mesh: Any = None, rules: Any = None) -> Transformer:
     """A randomly initialised Transformer, created in one compiled program (fast), each parameter placed on its
     sharding under `rules` (default `policy_rules()`) when `mesh` is given. Use for models trained from scratch."""
-    def rngs():  # the RngBitGenerator key compiles ~4x faster than threefry on CPU
+    def rngs():  # the RngBitGenerator key compiles faster than threefry on CPU
         return nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
 
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=rngs()))

@@ -57,7 +57,7 @@ def make_critic(config: ml_collections.ConfigDict, *, mesh: Any = None):
             from capo_jax.critic.genprm import GenPRMCritic
         except ImportError as exc:
             raise ValueError(f"critic.backend='genprm' needs capo_jax.critic.genprm, which failed to import: {exc}") from exc
-        return GenPRMCritic.from_config(config.critic, mesh=mesh)
+        return GenPRMCritic.from_config(config.critic, mesh=mesh, rules=RULES[config.mesh.critic_rules]())
     raise ValueError(f"critic.backend={backend!r}: use 'genprm' or 'rule'")
 
 
@@ -107,19 +107,28 @@ def stop_ids(tokenizer: Any, model_config: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def rollout_params(config: ml_collections.ConfigDict, pad: int, stops: tuple[int, ...] = ()):
+    """How the policy samples its G responses per prompt (`rollout.*`)."""
+    from capo_jax.sampling import SamplingParams
+
+    ro = config.rollout
+    return SamplingParams(n=int(ro.group_size), temperature=float(ro.temperature), top_k=int(ro.top_k),
+                          top_p=float(ro.top_p), max_new_tokens=int(ro.max_new_tokens), stop_token_ids=stops,
+                          kv_cache_dtype=ro.kv_cache_dtype or None, pad_token_id=int(pad))
+
+
 def rollout_phase(model: Any, tokenizer: Any, examples: Sequence[Any], config: ml_collections.ConfigDict, rng: jax.Array,
-                  mesh: Any, stops: tuple[int, ...]) -> Rollout:
-    """Sample G responses per prompt with the live policy; pad prompts to rollout.max_prompt_len."""
-    from capo_jax.sampling import SamplingParams, generate
+                  mesh: Any, stops: tuple[int, ...], rules: Any = None) -> Rollout:
+    """Sample G responses per prompt with `model` (the policy's inference copy); pad prompts to
+    rollout.max_prompt_len."""
+    from capo_jax.sampling import generate
 
     ro = config.rollout
     G, P, T = int(ro.group_size), int(ro.max_prompt_len), int(ro.max_new_tokens)
     prompts = [list(ex.prompt_ids)[-P:] for ex in examples]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    params = SamplingParams(n=G, temperature=float(ro.temperature), top_k=int(ro.top_k), top_p=float(ro.top_p),
-                            max_new_tokens=T, stop_token_ids=stops, kv_cache_dtype=ro.kv_cache_dtype or None,
-                            pad_token_id=int(pad))
-    res = generate(model, prompts, params, rng, mesh)
+    params = rollout_params(config, pad, stops)
+    res = generate(model, prompts, params, rng, mesh, rules=rules)
     tokens = np.asarray(res.tokens, np.int32)
     lengths = np.asarray(res.lengths, np.int32)
     B = len(prompts) * G
@@ -295,7 +304,7 @@ class Run:
         self._lock = None
         self._hold_lock()  # before anything writes into the workdir
 
-        pol_devices, critic_devices = policy_devices(config)
+        pol_devices, _ = policy_devices(config)
         m = config.mesh
         self.mesh = parallel.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=pol_devices)
         from capo_jax.hub import resolve_model_paths
@@ -320,7 +329,11 @@ class Run:
         self.trainer = PolicyTrainer(self.model, self.opts, optimizer, self.mesh, rules=RULES[m.policy_rules](),
                                      reference=reference, reference_rules=RULES[m.reference_rules]())
         del reference  # the trainer keeps the reference's parameters only
-        self.critic = make_critic(models, mesh=self.mesh if critic_devices is None else None)
+        from capo_jax.sampling import InferenceCopy
+
+        # rollouts read a compute-dtype copy of the policy in the inference layout, refreshed once per step
+        self.rollout_copy = InferenceCopy(self.model, self.mesh, RULES[m.rollout_rules]())
+        self.critic = make_critic(models)
         self.stops = stop_ids(self.tokenizer, self.model.config)
 
         from capo_jax.data import build_source
@@ -396,7 +409,8 @@ class Run:
         with timer("data"):
             examples = self.source.next_batch(int(cfg.rollout.prompts_per_step))
         with timer("rollout"):
-            ro = rollout_phase(self.model, self.tokenizer, examples, cfg, rollout_key, self.mesh, self.stops)
+            ro = rollout_phase(self.rollout_copy.refresh(self.model), self.tokenizer, examples, cfg, rollout_key,
+                               self.mesh, self.stops, rules=self.rollout_copy.rules)
         G = int(cfg.rollout.group_size)
         references = [ex.answer for ex in examples for _ in range(G)]
         with timer("verify"):

@@ -6,8 +6,14 @@ into per-token advantages; old log-probs come from a forward pass of the pre-upd
 the sampler); each mini-batch's loss is sum(weight * per-token loss) with its denominators taken
 over the whole mini-batch first, so the micro-batch gradient accumulation (a `lax.scan`) gives
 the same update as one big batch. Log-probs are computed in sequence chunks (`hidden_states`,
-then `logits` per chunk under `lax.map` with remat) so `[B, T, vocab]` never exists whole. A
-non-finite loss or gradient keeps the old parameters and optimizer state (counted in metrics).
+then `logits` per chunk under `lax.map` with remat) so `[B, T, vocab]` never exists whole; the vocab
+projection is laid out (under FSDP: gathered) once per pass, not once per chunk. A non-finite loss or
+gradient keeps the old parameters and optimizer state (counted in metrics).
+
+The step is traced under `parallel.activation_sharding` with the policy's rules: activations keep their batch
+over ('data', 'fsdp'), so the compiler gathers FSDP weights instead of resharding activations along `embed`.
+`build_train_program` builds the jitted step and its shardings from a model's (possibly abstract) state: the
+trainer runs it, and the planner compiles the same program for TPU slices.
 """
 from __future__ import annotations
 
@@ -120,6 +126,12 @@ def response_logprobs(
     One forward pass to the final hidden states, then logits and log-softmax per chunk of `chunk`
     positions under `lax.map`. With `remat` each chunk's logits are recomputed in the backward pass, so only a
     [B, chunk, V] block is ever live; without it the backward keeps every chunk's (one head matmul fewer).
+
+    Under `parallel.activation_sharding` the vocab projection is vocab-parallel: the head is laid out once, its
+    vocabulary split over every mesh axis (`head_vocab`), and each chunk's rows are gathered so each device
+    computes all rows against its slice of the vocabulary. The head's gradient is then local to each device
+    (summed over chunks in float32, laid back out once per pass), and only [rows, chunk] statistics and the
+    chunk's hidden states cross devices.
     """
     b, p = prompt_ids.shape
     t = response_ids.shape[1]
@@ -129,6 +141,11 @@ def response_logprobs(
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
     hidden = model.hidden_states(ids, mask)
+    # Split over devices, the head is laid out once for all chunks, seen as float32 by them so that the backward sums
+    # the chunks' head gradients in float32 (the round trip to the compute dtype is exact and folds away). On one
+    # device each chunk casts the parameter itself (the same values, and no extra [V, E] buffer).
+    sharded = parallel.active_axis_size("head_vocab") > 1
+    head = model.head_weight(("head_vocab", None)).astype(jnp.float32) if sharded else None
     # position P-1+j predicts response token j
     h = jax.lax.dynamic_slice_in_dim(hidden, p - 1, t, axis=1)
     n = t // chunk
@@ -137,12 +154,22 @@ def response_logprobs(
 
     def one(args):
         h_c, y_c = args
-        logits = model.logits(h_c).astype(jnp.float32)
+        y_c = y_c.astype(jnp.int32)
+        if sharded:
+            h_c = parallel.relayout(h_c, (None, "length", None), ("batch", "length", None))
+            # pinned here too, so each chunk's head gradient stays on the device that holds its vocabulary slice
+            logits = model.logits(h_c, parallel.constrain(head, ("head_vocab", None)),
+                                  names=(None, "length", "head_vocab"))
+            # a select-and-sum over the split vocabulary, not a gather across its shards
+            picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == y_c[..., None], logits, 0.0), axis=-1)
+        else:
+            logits = model.logits(h_c, head)
+            picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, y_c[..., None].astype(jnp.int32), axis=-1)[..., 0]
         probs = jax.nn.softmax(logits, axis=-1)
         entropy = lse - jnp.sum(probs * logits, axis=-1)
-        return picked - lse, entropy
+        rows = ("batch", "length")
+        return parallel.constrain(picked - lse, rows), parallel.constrain(entropy, rows)
 
     logp, entropy = jax.lax.map(jax.checkpoint(one) if remat else one, (h, y))
     return logp.swapaxes(0, 1).reshape(b, t), entropy.swapaxes(0, 1).reshape(b, t)
@@ -176,8 +203,13 @@ def _masked_stats(x: jax.Array, mask: jax.Array, prefix: str) -> dict[str, jax.A
 
 
 def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.GradientTransformation, opts: StepOptions,
-                     mesh: Mesh, ref_graphdef: Any = None, ref_template: Any = None):
-    """The pure step `(params, opt_state, batch, rng, ref_params) -> (params, opt_state, metrics)` (not yet jitted)."""
+                     mesh: Mesh, ref_graphdef: Any = None, ref_template: Any = None,
+                     rules: parallel.Rules | None = None):
+    """The pure step `(params, opt_state, batch, rng, ref_params) -> (params, opt_state, metrics)` (not yet jitted),
+    traced under the activation sharding of `rules` (default: the policy rules) on `mesh`."""
+    rules = parallel.policy_rules() if rules is None else rules
+    # gradients are summed in the parameters' own layout (reduce-scattered into it under FSDP, not all-reduced)
+    grad_shardings = _pure(parallel.state_shardings(param_template, mesh, rules))
     micro_spec = lambda ndim, size: PartitionSpec(None, *parallel.batch_spec(ndim - 1, mesh, size))  # noqa: E731
 
     def merge(gd, template, params):
@@ -227,6 +259,7 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         def micro_step(acc, one):
             grads_acc, loss_acc, stats_acc = acc
             (loss, stats), grads = grad_fn(params, one, denoms)
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             stats_acc = jax.tree.map(jnp.add, stats_acc, stats)
             return (grads_acc, loss_acc + loss, stats_acc), None
@@ -249,6 +282,10 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         return (params, opt_state), out
 
     def step(params, opt_state, batch, rng, ref_params):
+        with parallel.activation_sharding(mesh, rules):
+            return step_body(params, opt_state, batch, rng, ref_params)
+
+    def step_body(params, opt_state, batch, rng, ref_params):
         mask = batch["response_mask"]
         credits = compute_advantages(batch, opts)
         data = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
@@ -305,11 +342,106 @@ def credit_metrics(credits: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# The stateful wrapper the loop uses
+# The program (built from state that may be abstract) and the stateful wrapper the loop uses
 
 
 def _pure(state: Any) -> Any:
     return nnx.to_pure_dict(state)
+
+
+def _template(state: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def abstract_batch(rows: int, prompt_len: int, response_len: int, num_critiques: int, max_steps: int
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one rollout batch (`BATCH_KEYS`) without data: B = rows, P, T, M, S."""
+    shapes = {"prompt_ids": (rows, prompt_len), "prompt_mask": (rows, prompt_len), "response_ids": (rows, response_len),
+              "response_mask": (rows, response_len), "token_step": (rows, response_len), "outcome": (rows,),
+              "votes": (rows, num_critiques, max_steps), "vote_valid": (rows, num_critiques),
+              "sampler_logp": (rows, response_len)}
+    return {k: jax.ShapeDtypeStruct(shapes[k], BATCH_KEYS[k]) for k in BATCH_KEYS}
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """The step function and the shardings of everything it takes, built from a policy's (possibly abstract)
+    state: `PolicyTrainer` runs `jitted(batch)`, the planner lowers the same function for a TPU slice."""
+
+    mesh: Mesh
+    opts: StepOptions
+    optimizer: optax.GradientTransformation
+    graphdef: Any
+    template: Any  # nnx.State of ShapeDtypeStructs: the policy's parameters
+    param_shardings: Any  # pure dict of NamedSharding
+    opt_shardings: Any
+    ref_template: Any
+    ref_shardings: Any
+    step_fn: Any
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        """Row (batch) dimension over the data-parallel axes, the rest replicated."""
+        return {k: parallel.batch_sharding(v, self.mesh) for k, v in batch.items()}
+
+    def jitted(self, batch: Mapping[str, Any]):
+        """The step under `jax.jit` with explicit in/out shardings for batches shaped like `batch`; donates the
+        parameters and optimizer state."""
+        return jax.jit(
+            self.step_fn,
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_shardings(batch), self.replicated,
+                          self.ref_shardings),
+            out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
+            donate_argnums=(0, 1),
+        )
+
+    def abstract_args(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple:
+        """(params, opt_state, batch, key, ref_params) as ShapeDtypeStructs carrying their shardings."""
+        def place(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+        params = place(_pure(self.template), self.param_shardings)
+        opt_state = place(jax.eval_shape(self.optimizer.init, params), self.opt_shardings)
+        placed = place(dict(batch), self.batch_shardings(batch))
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+        ref = None if self.ref_template is None else place(_pure(self.ref_template), self.ref_shardings)
+        return params, opt_state, placed, key, ref
+
+    def lower(self, batch: Mapping[str, jax.ShapeDtypeStruct]):
+        """The jitted step lowered for abstract parameters, optimizer state, `batch` and key (nothing allocated)."""
+        return self.jitted(batch).lower(*self.abstract_args(batch))
+
+
+def build_train_program(model: nnx.Module, opts: StepOptions, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                        rules: parallel.Rules | None = None, reference: nnx.Module | None = None,
+                        reference_rules: parallel.Rules | None = None) -> TrainProgram:
+    """The train step for `model` (and the frozen `reference` when `opts.kl_coef > 0`) on `mesh`; either model may be
+    abstract (`nnx.eval_shape`)."""
+    if opts.kl_coef > 0 and reference is None:
+        raise ValueError("rl.kl_coef > 0 needs a reference model: pass reference=... (or set rl.kl_coef=0)")
+    rules = parallel.policy_rules() if rules is None else rules
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the policy has non-parameter state; the trainer only knows how to carry nnx.Param")
+    template = _template(state)
+    param_shardings = _pure(parallel.state_shardings(state, mesh, rules))
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _pure(state))
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    ref_gd = ref_template = ref_shardings = None
+    if opts.kl_coef > 0:
+        ref_gd, ref_state, _ = nnx.split(reference, nnx.Param, ...)
+        ref_template = _template(ref_state)
+        ref_shardings = _pure(parallel.state_shardings(ref_state, mesh, reference_rules or parallel.inference_rules()))
+    step_fn = build_train_step(graphdef, template, optimizer, opts, mesh, ref_gd, ref_template, rules)
+    return TrainProgram(mesh=mesh, opts=opts, optimizer=optimizer, graphdef=graphdef, template=template,
+                        param_shardings=param_shardings, opt_shardings=opt_shardings, ref_template=ref_template,
+                        ref_shardings=ref_shardings, step_fn=step_fn)
 
 
 class PolicyTrainer:
@@ -322,50 +454,32 @@ class PolicyTrainer:
     def __init__(self, model: nnx.Module, opts: StepOptions, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                  rules: parallel.Rules | None = None, reference: nnx.Module | None = None,
                  reference_rules: parallel.Rules | None = None) -> None:
-        if opts.kl_coef > 0 and reference is None:
-            raise ValueError("rl.kl_coef > 0 needs a reference model: pass reference=... (or set rl.kl_coef=0)")
-        rules = parallel.policy_rules() if rules is None else rules
+        self.program = build_train_program(model, opts, optimizer, mesh, rules=rules, reference=reference,
+                                           reference_rules=reference_rules)
+        program = self.program
         self.model, self.opts, self.optimizer, self.mesh = model, opts, optimizer, mesh
-        self.graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise ValueError("the policy has non-parameter state; the trainer only knows how to carry nnx.Param")
-        self._state = state
-        self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        self.param_shardings = _pure(parallel.state_shardings(state, mesh, rules))
-        self.params = jax.device_put(_pure(state), self.param_shardings)
-        abstract_opt = jax.eval_shape(optimizer.init, self.params)
-        self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.opt_shardings = optax.tree_map_params(
-            optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
-            transform_non_params=lambda _: self.replicated,
-        )
+        self.graphdef = program.graphdef
+        _, self._state, _ = nnx.split(model, nnx.Param, ...)
+        self.param_shardings, self.opt_shardings = program.param_shardings, program.opt_shardings
+        self.replicated = program.replicated
+        self.params = jax.device_put(_pure(self._state), self.param_shardings)
         self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        self.ref_params, ref_gd, ref_template, ref_sh = None, None, None, None
+        self.ref_params = None
         if opts.kl_coef > 0:
-            ref_gd, ref_state, _ = nnx.split(reference, nnx.Param, ...)
-            ref_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ref_state)
-            ref_sh = _pure(parallel.state_shardings(ref_state, mesh, reference_rules or parallel.inference_rules()))
-            self.ref_params = jax.device_put(_pure(ref_state), ref_sh)
-        self._ref_shardings = ref_sh
-        self._step_fn = build_train_step(self.graphdef, self._template, optimizer, opts, mesh, ref_gd, ref_template)
+            _, ref_state, _ = nnx.split(reference, nnx.Param, ...)
+            self.ref_params = jax.device_put(_pure(ref_state), program.ref_shardings)
         self._jitted: dict[Any, Any] = {}
         self.sync_model()
 
     def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
         """Row (batch) dimension over the data-parallel axes, the rest replicated."""
-        return {k: parallel.batch_sharding(v, self.mesh) for k, v in batch.items()}
+        return self.program.batch_shardings(batch)
 
     def _compiled(self, batch: Mapping[str, Any]):
         key = tuple(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype) if not hasattr(v, "dtype") else str(v.dtype))
                            for k, v in batch.items()))
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(
-                self._step_fn,
-                in_shardings=(self.param_shardings, self.opt_shardings, self.batch_shardings(batch), self.replicated,
-                              self._ref_shardings),
-                out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
-                donate_argnums=(0, 1),
-            )
+            self._jitted[key] = self.program.jitted(batch)
         return self._jitted[key]
 
     def prepare_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
