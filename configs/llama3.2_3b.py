@@ -1,7 +1,8 @@
 """Paper setup: CAPO on Llama-3.2-3B-Instruct with a Qwen2.5-72B-Instruct GenPRM critic: configs/llama3.2_1b.py
-(G = 16, M = 4) on a v5p-32 slice (16 chips of 95 GiB): the 3B policy's rollout cache at 512 x 3.5k tokens does not
-fit beside a 72B critic on v5e-32. Both models on all 16 chips: the policy with FSDP over every chip, the critic
-tensor parallel over every chip (its 8 KV heads repeated to 16). Check the fit before renting the slice:
+(G = 16, M = 4) on a v5p-32 slice (16 chips of 95 GiB), the slice the planner found for the 3B policy's rollout
+cache at 512 x 3.5k tokens beside a 72B critic (docs/tpu.md). Both models on all 16 chips: the policy with FSDP over
+every chip, the critic tensor parallel over every chip (its 8 KV heads repeated to 16). Check the fit before renting
+the slice:
 
 python -m capo_jax.plan --config configs/llama3.2_3b.py
 python -m capo_jax.train --config configs/llama3.2_3b.py \

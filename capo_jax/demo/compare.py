@@ -387,24 +387,16 @@ def build_report(runs: Sequence[Mapping[str, Any]], variants: Sequence[Variant],
     return "\n".join(lines), summary
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # The rule critic on the bootstrap's own responses
 
 
 def shared_bootstrap(config: Any, log=print) -> str:
-    """The one bootstrap every run starts from: the cached demo policy for these settings (trained now if missing)."""
-    if config.policy.path:
-        return config.policy.path
-    from capo_jax.demo.bootstrap import cached_bootstrap
+    """The one policy every run starts from: the trainer's own choice (`policy.path`, else the cached demo bootstrap for
+    these settings, trained now if missing)."""
+    from capo_jax.rl.loop import resolve_policy_path
 
-    return cached_bootstrap(str(config.demo.cache_dir), world=config.data.world.to_dict(),
-                            model=config.demo.model.to_dict(), sft=config.demo.sft.to_dict(), log=log)
+    return resolve_policy_path(config, logger=log)
 
 
 def critic_precision_recall(config: Any, policy_path: str, *, misjudge_prob: float, num_problems: int, samples: int,
@@ -417,7 +409,7 @@ def critic_precision_recall(config: Any, policy_path: str, *, misjudge_prob: flo
     from capo_jax.critic import parse_verdict
     from capo_jax.critic.base import CritiqueRequest
     from capo_jax.critic.rule import RuleCritic, true_wrong_steps
-    from capo_jax.data.arithmetic import ArithmeticWorld, format_prompt
+    from capo_jax.data.arithmetic import DEFAULT_TEMPLATE, ArithmeticWorld, format_prompt
     from capo_jax.models import from_pretrained
     from capo_jax.rewards.steps import split_steps
     from capo_jax.sampling import SamplingParams, generate_text
@@ -428,7 +420,8 @@ def critic_precision_recall(config: Any, policy_path: str, *, misjudge_prob: flo
     tests = ArithmeticWorld(config.data.world.to_dict()).test_set()[:num_problems]
     params = SamplingParams(n=samples, temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                             top_p=float(config.rollout.top_p), max_new_tokens=int(config.rollout.max_new_tokens))
-    texts = generate_text(model, tok, [format_prompt(p.question) for p in tests], params, seed).texts
+    template = config.data.template or DEFAULT_TEMPLATE
+    texts = generate_text(model, tok, [format_prompt(p.question, template) for p in tests], params, seed).texts
     delim = str(config.reward.step_delimiter)
     M, base = int(config.critic.num_critiques), int(config.critic.index_base)
     critic = RuleCritic(misjudge_prob=float(misjudge_prob), index_base=base)

@@ -3,7 +3,7 @@
 Why: under plain autodiff XLA:CPU fused the activation's derivative with a transpose into the weight
 gradient's layout and ran it as a strided loop, and took the gate and up gradients as separate GEMMs. Here the
 backward computes both cotangents once, stacks them, and takes dx and the two weight gradients as one GEMM each
-(figures: the README's benchmarks). The forward is the plain one (its matmuls through
+(figures: docs/benchmarks.md). The forward is the plain one (its matmuls through
 `models.linear`). The same backward runs on every backend; its speed was measured on XLA:CPU only.
 """
 from __future__ import annotations

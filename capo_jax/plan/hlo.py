@@ -548,7 +548,7 @@ def _window(window: str, key: str, spatial: int, default: int) -> list[int]:
     found = re.search(rf"\b{key}=([\d_x-]+)", window)
     if not found:
         return [default] * spatial
-    return [int(v.split("_")[0]) if key != "pad" else int(v.split("_")[0]) for v in found.group(1).split("x")]
+    return [int(v.split("_")[0]) for v in found.group(1).split("x")]
 
 
 def _convolution_flops(comp: Computation, inst: Instruction) -> float:

@@ -68,8 +68,8 @@ def phase_memory(plan_programs: list[P.Program], resident: dict[str, P.Resident]
             if prog.role == "policy":
                 parts["policy params"] = pol.params
                 parts["optimizer state"] = pol.optimizer
-                if prog.holds_resident:
-                    args -= pol.persistent
+                if prog.holds_resident:  # only the train step also takes the optimizer state (the reshard: params)
+                    args -= pol.persistent if phase == "train" else pol.params
                 if phase == "rollout":
                     ro = resident.get("rollout", P.Resident())
                     if prog.name == "rollout reshard":
