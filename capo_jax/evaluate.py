@@ -93,10 +93,18 @@ class PromptSettings:
     """How prompts are written and how long responses may be: from the command line, else the run's stored config."""
 
     template: str  # "" = each benchmark's own default
+    template_answer_format: str  # "" = the template applies to every benchmark; else only to those of this answer format
     use_chat_template: bool
     system_prompt: str
     max_new_tokens: int
     world: dict | None  # the arithmetic world's knobs (None: the defaults)
+
+
+def benchmark_template(ps: PromptSettings, bench: Benchmark) -> str:
+    """The template a benchmark is prompted with: the given or inherited one where it fits the benchmark's answer
+    format (a math run's template asks for a boxed number, wrong for a multiple-choice set), else the benchmark's own."""
+    fits = not ps.template_answer_format or bench.answer_format == ps.template_answer_format
+    return ps.template if ps.template and fits else bench.template
 
 
 def prompt_settings(args: argparse.Namespace, run: dict | None) -> PromptSettings:
@@ -107,6 +115,8 @@ def prompt_settings(args: argparse.Namespace, run: dict | None) -> PromptSetting
     budget = int((run or {}).get("eval", {}).get("max_new_tokens", 0) or 0) or int((run or {}).get("rollout", {}).get("max_new_tokens", 0) or 0)
     return PromptSettings(
         template=read_escapes(args.template) if args.template else str(data.get("template", "") or ""),
+        # a training run's template asks for its own answer format (math: a boxed answer): keep it off the others
+        template_answer_format="" if args.template else str((run or {}).get("reward", {}).get("answer_format", "math")),
         use_chat_template=bool(data.get("use_chat_template", False)) if args.use_chat_template is None else args.use_chat_template,
         system_prompt=str(data.get("system_prompt", "") or "") if args.system_prompt is None else args.system_prompt,
         max_new_tokens=args.max_new_tokens or budget or DEFAULT_MAX_NEW_TOKENS,
@@ -251,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             bench, items, skipped = load_benchmark(spec, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
                                                    world=ps.world)
-        template = ps.template or bench.template
+        template = benchmark_template(ps, bench)
         prompts, kept = [], []
         for it in items:
             text = render_prompt(it.question, template, tokenizer=tok, use_chat_template=ps.use_chat_template,

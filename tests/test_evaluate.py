@@ -221,6 +221,20 @@ def test_a_workdir_brings_its_world_template_and_budget(tiny_model, tmp_path, ca
     assert prompt_settings(_parser().parse_args(["--model", "m"]), None).max_new_tokens == 1024
 
 
+def test_a_runs_math_template_stays_off_multiple_choice_benchmarks():
+    from capo_jax.data.benchmarks import REGISTRY
+    from capo_jax.evaluate import _parser, benchmark_template, prompt_settings
+
+    run = {"data": {"template": "{question}\nBox the answer."}, "reward": {"answer_format": "math"}}
+    inherited = prompt_settings(_parser().parse_args(["--model", "m"]), run)
+    choice = next(b for b in REGISTRY.values() if b.answer_format == "choice")
+    math = next(b for b in REGISTRY.values() if b.answer_format == "math")
+    assert benchmark_template(inherited, math) == "{question}\nBox the answer."
+    assert benchmark_template(inherited, choice) == choice.template and choice.template != inherited.template
+    typed = prompt_settings(_parser().parse_args(["--model", "m", "--template", "Q: {question}"]), run)
+    assert benchmark_template(typed, choice) == "Q: {question}"  # typed on the command line: the user's choice
+
+
 def test_a_template_still_holding_a_literal_backslash_n_warns(tiny_model, tmp_path, capsys):
     report = main(["--model", tiny_model, "--benchmarks", "arithmetic", "--limit", "2", "--output", "",
                    "--template", "{question}\\\\n", "--max_new_tokens", "2"])  # typed \\n: a literal backslash-n
