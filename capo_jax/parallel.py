@@ -41,11 +41,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available: adjust the sizes or set one to -1")
-    try:
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-    except AssertionError:  # devices jax cannot map onto the physical torus (a v4 topology's cores, compiled ahead
-        # of time, show as two devices per chip): take them in their given order
+    if _cores_as_devices(devices):  # jax's torus mapping refuses these (it needs one device per chip): take them
+        # in their given order, which libtpu gives chip by chip
         return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _cores_as_devices(devices: Sequence[Any]) -> bool:
+    """Whether some chip shows as more than one device (a v4 / v5p topology's TensorCores, each its own device, as
+    libtpu compiling ahead of time gives them): `jax.make_mesh` cannot lay those onto the physical torus."""
+    chips = [(getattr(d, "process_index", 0), tuple(d.coords)) for d in devices if getattr(d, "coords", None) is not None]
+    return len(set(chips)) < len(chips)
 
 
 def mesh_from_config(cfg: Mapping[str, Any] | Any, devices: Sequence[Any] | None = None) -> Mesh:
@@ -222,22 +228,27 @@ def relayout(x: jax.Array, names: Sequence[str | None], source_names: Sequence[s
     Why: the transpose of a plain sharding constraint pins the cotangent to the same (compute) layout; this one
     leaves the gradient in the layout its source lives in (the vocab-parallel head's gradient goes straight back
     to the embedding's FSDP layout, a chunk's hidden-state gradient to its rows)."""
-    if getattr(_ACTIVATIONS, "value", None) is None:
+    active = getattr(_ACTIVATIONS, "value", None)
+    if active is None:
         return x
-    return _relayout(x, tuple(names), tuple(source_names))
+    mesh, rules = active
+    # both layouts are resolved here, once, and travel as static arguments: the backward may be traced after the
+    # `activation_sharding` block has ended (a `jax.vjp` whose pullback runs later) and must not read the context
+    return _relayout(x, logical_to_sharding(names, mesh, rules, x.shape),
+                     logical_to_sharding(source_names, mesh, rules, x.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _relayout(x, names, source_names):
-    return constrain(x, names)
+def _relayout(x, target, source):
+    return jax.lax.with_sharding_constraint(x, target)
 
 
-def _relayout_fwd(x, names, source_names):
-    return constrain(x, names), None
+def _relayout_fwd(x, target, source):
+    return _relayout(x, target, source), None
 
 
-def _relayout_bwd(names, source_names, _, g):
-    return (constrain(g, source_names),)
+def _relayout_bwd(target, source, _, g):
+    return (jax.lax.with_sharding_constraint(g, source),)
 
 
 _relayout.defvjp(_relayout_fwd, _relayout_bwd)

@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules, sharded models and batches on the 8 simulated CPU devices."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,6 +26,37 @@ def test_make_mesh_fills_and_uses_auto_axes():
         parallel.make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="cannot be split"):
         parallel.make_mesh(data=-1, tensor=3)
+
+
+def test_make_mesh_takes_cores_in_order_and_lets_other_errors_through(monkeypatch):
+    """Devices that share a chip (libtpu's v4 / v5p cores) go into the mesh in their given order without asking jax;
+    any other failure of `jax.make_mesh` (here a forced AssertionError) reaches the caller instead of a fallback."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Core:  # what libtpu's ahead-of-time v4 devices carry that make_mesh looks at
+        id: int
+        process_index: int
+        coords: tuple
+        core_on_chip: int
+        platform: str = "tpu"
+
+    cores = [Core(i, 0, (i // 2, 0, 0), i % 2) for i in range(8)]
+    asked = []
+    real = jax.make_mesh
+    monkeypatch.setattr(jax, "make_mesh", lambda *a, **k: asked.append(a) or real(*a, **k))
+    mesh = parallel.make_mesh(data=2, fsdp=-1, devices=cores)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and not asked
+    assert [d.id for d in mesh.devices.flat] == list(range(8))
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+    assert dict(parallel.make_mesh(data=2, fsdp=-1).shape) == {"data": 2, "fsdp": 4, "tensor": 1} and len(asked) == 1
+
+    def broken(*a, **k):
+        raise AssertionError("a bug in mesh construction")
+
+    monkeypatch.setattr(jax, "make_mesh", broken)
+    with pytest.raises(AssertionError, match="a bug in mesh construction"):
+        parallel.make_mesh(data=2, fsdp=-1)
 
 
 def test_logical_to_spec_rules_and_divisibility_fallback():
@@ -161,6 +193,38 @@ def test_relayout_keeps_values_and_gradients():
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
     assert parallel.relayout(w, ("vocab", None), ("vocab", "embed")) is w  # outside activation sharding: nothing
+
+
+def _constraint_specs(jaxpr) -> list:
+    """The PartitionSpecs of every sharding constraint in a (closed) jaxpr, sub-jaxprs included, in order."""
+    out = []
+    for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, "jaxpr") else jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            out.append(eqn.params["sharding"].spec)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out.extend(_constraint_specs(sub))
+    return out
+
+
+def test_relayout_backward_keeps_the_forward_layouts_after_the_context_ends():
+    """The pullback of a `jax.vjp` taken under activation sharding runs after the block: its cotangent is still laid
+    out by the source names (resolved at the forward, not read from the context at backward time)."""
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    rules = parallel.policy_rules()
+    x = jnp.arange(8.0 * 16).reshape(8, 16) / 10
+
+    def pulled_back_outside(x):
+        with parallel.activation_sharding(mesh, rules):
+            y, pullback = jax.vjp(lambda x: jnp.tanh(parallel.relayout(x, ("vocab", None), ("vocab", "embed"))), x)
+        return pullback(jnp.cos(y))[0]
+
+    specs = _constraint_specs(jax.make_jaxpr(pulled_back_outside)(x))
+    assert specs == [P(None, None), P(None, "fsdp")], specs  # forward: gathered; backward: the source's FSDP layout
+    got = jax.jit(pulled_back_outside)(x)
+    _, identity = jax.vjp(jnp.tanh, x)
+    want = identity(jnp.cos(jnp.tanh(x)))[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp")), 2)
 
 
 def test_target_platform_follows_the_traced_mesh():
