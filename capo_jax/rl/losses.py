@@ -64,17 +64,21 @@ def ppo_token_loss(
     """Per-token PPO-clip loss (to minimise) plus beta * KL, and per-token diagnostics.
 
     The log-ratio is clamped to +-RATIO_LOG_CLAMP before exp (a far-off token gives a finite loss and
-    gradient). `clip_ratio_c` > 1 turns on the dual clip: where A < 0 the loss is capped at -A * c.
+    gradient). `clip_ratio_c` > 1 turns on the dual clip: where A < 0 the loss is capped at -A * c; the
+    diagnostics then include `clipped_dual`, the tokens it caps (counted apart from `clipped`, as verl does).
     """
     ratio = jnp.exp(jnp.clip(logp - old_logp, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(unclipped, clipped)
+    parts = {"clipped": (clipped > unclipped).astype(jnp.float32)}
     if clip_ratio_c:
-        pg = jnp.where(advantages < 0, jnp.minimum(pg, -advantages * clip_ratio_c), pg)
+        capped = (advantages < 0) & (pg > -advantages * clip_ratio_c)
+        parts["clipped_dual"] = capped.astype(jnp.float32)  # verl's pg_clipfrac_lower: tokens the dual clip caps
+        pg = jnp.where(capped, -advantages * clip_ratio_c, pg)
     loss = pg
-    parts = {"pg_loss": pg, "ratio": ratio, "clipped": (clipped > unclipped).astype(jnp.float32),
-             "old_kl": kl_estimate(logp, old_logp, "k3")}  # how far this update has moved from the sampling policy
+    parts.update(pg_loss=pg, ratio=ratio,
+                 old_kl=kl_estimate(logp, old_logp, "k3"))  # how far this update has moved from the sampling policy
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, kl_estimator)
         loss = loss + kl_coef * kl
