@@ -124,3 +124,74 @@ def test_the_user_cache_is_shared_by_workdirs_and_keyed_by_the_settings(tmp_path
     monkeypatch.delenv("CAPO_JAX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root("") == str(tmp_path / "xdg" / "capo_jax")
+
+
+def _fake_build(out_dir, digest, who):
+    """A finished bootstrap folder as `bootstrap_policy` leaves one (what `_finished` checks), marked by its builder."""
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"built_by": who}, f)
+    with open(os.path.join(out_dir, "bootstrap.json"), "w") as f:
+        json.dump({"settings_hash": digest}, f)
+
+
+def _built_by(path):
+    return json.load(open(os.path.join(path, "config.json")))["built_by"]
+
+
+def test_two_builders_of_one_cache_end_with_one_folder_the_first_ones(tmp_path):
+    from capo_jax.demo import bootstrap
+
+    ids = {bootstrap.builder_id() for _ in range(3)}
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in __import__("socket").gethostname())
+    assert len(ids) == 3 and all(i.startswith(f"{host}-{os.getpid()}-") for i in ids)  # private per builder, per host
+    final, digest = str(tmp_path / "bootstrap" / "abc"), "abc"
+    os.makedirs(os.path.dirname(final))
+    first, second = f"{final}.partial-a", f"{final}.partial-b"
+    _fake_build(first, digest, "a")
+    _fake_build(second, digest, "b")
+    logs = []
+    assert bootstrap.finalize(first, final, digest, logs.append) == final
+    assert bootstrap.finalize(second, final, digest, logs.append) == final  # the loser uses the winner's folder
+    assert _built_by(final) == "a" and os.path.isdir(second) and "finished first" in logs[-1]
+    # a broken leftover under the hash (no marker) is replaced, never merged into
+    shutil.rmtree(final)
+    os.makedirs(final)
+    open(os.path.join(final, "config.json"), "w").write("{}")
+    assert bootstrap.finalize(second, final, digest, logs.append) == final and _built_by(final) == "b"
+    assert sorted(os.listdir(tmp_path / "bootstrap")) == ["abc"]
+
+
+def test_a_builder_that_loses_the_race_returns_the_winners_folder_and_leaves_no_partial(tmp_path, monkeypatch):
+    from capo_jax.demo import bootstrap
+
+    cache = str(tmp_path / "cache")
+    digest = settings_hash(bootstrap_settings(world=TINY_WORLD))
+    final = os.path.join(cache, "bootstrap", digest)
+    partials = []
+
+    def build_while_another_host_finishes(out_dir, **_):
+        partials.append(out_dir)
+        _fake_build(out_dir, digest, "us")
+        other = f"{final}.partial-otherhost-{os.getpid()}-0"  # the same pid on another host: another name
+        assert other != out_dir
+        _fake_build(other, digest, "other host")
+        bootstrap.finalize(other, final, digest, lambda m: None)
+        return out_dir
+
+    monkeypatch.setattr(bootstrap, "bootstrap_policy", build_while_another_host_finishes)
+    logs = []
+    assert cached_bootstrap(cache, world=TINY_WORLD, log=logs.append) == final
+    assert _built_by(final) == "other host" and os.listdir(os.path.dirname(final)) == [digest]
+    assert os.path.basename(partials[0]).startswith(f"{digest}.partial-") and not os.path.exists(partials[0])
+
+    def failing_build(out_dir, **_):
+        partials.append(out_dir)
+        _fake_build(out_dir, digest, "half")
+        raise RuntimeError("killed")
+
+    shutil.rmtree(final)
+    monkeypatch.setattr(bootstrap, "bootstrap_policy", failing_build)
+    with pytest.raises(RuntimeError, match="killed"):
+        cached_bootstrap(cache, world=TINY_WORLD, log=logs.append)
+    assert os.listdir(os.path.dirname(final)) == []  # a failed build removes its own partial folder

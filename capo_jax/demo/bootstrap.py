@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+import uuid
 from typing import Any, Callable, Mapping
 
 import jax
@@ -191,19 +193,51 @@ def cached_bootstrap(cache_dir: str = "", *, world: Any = None, model: Any = Non
     if _finished(final, digest):
         log(f"[bootstrap] reusing the cached bootstrap {final}")
         return final
-    partial = f"{final}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    bootstrap_policy(partial, world=world, model=model, sft=sft, seed=seed, log=log)
-    if os.path.isdir(final) and not _finished(final, digest):
-        shutil.rmtree(final, ignore_errors=True)  # a broken leftover under the hash
+    partial = f"{final}.partial-{builder_id()}"
     try:
-        os.rename(partial, final)
-    except OSError:  # another process finished the same settings first: use its copy
-        shutil.rmtree(partial, ignore_errors=True)
-        if not _finished(final, digest):
-            raise
-    log(f"[bootstrap] cached as {final}")
-    return final
+        bootstrap_policy(partial, world=world, model=model, sft=sft, seed=seed, log=log)
+        return finalize(partial, final, digest, log)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed build's, or a loser's of the rename race
+
+
+def builder_id() -> str:
+    """`host-pid-random`: names this builder's private folder, unique also across hosts sharing a network cache."""
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def finalize(partial: str, final: str, digest: str, log: Callable[[str], None] = print) -> str:
+    """Move the finished build `partial` to `final` with one atomic rename and return `final`. When another builder
+    got there first, its finished folder is kept and `partial` is left for the caller to remove; a broken leftover
+    under `final` is first renamed aside (so no builder ever deletes a folder another may be renaming in)."""
+    for _ in range(3):
+        try:
+            os.rename(partial, final)  # fails when `final` exists (a non-empty directory), so one builder wins
+            log(f"[bootstrap] cached as {final}")
+            return final
+        except OSError:
+            if _finished(final, digest):
+                log(f"[bootstrap] another build of the same settings finished first: using {final}")
+                return final
+            if not os.path.exists(final):
+                raise  # not a lost race: the rename itself failed
+        aside = f"{final}.broken-{builder_id()}"
+        try:
+            os.rename(final, aside)  # a broken leftover under the hash: out of the way, then gone
+        except FileNotFoundError:
+            continue  # another builder moved it first
+        if _finished(aside, digest):  # a winner's folder landed between the check and the move: put it back
+            try:
+                os.rename(aside, final)
+                return final
+            except OSError:
+                pass
+        shutil.rmtree(aside, ignore_errors=True)
+    if _finished(final, digest):
+        return final
+    raise RuntimeError(f"could not move the bootstrap {partial} to {final}: other builds keep racing for it; "
+                       f"delete {final} and run again")
 
 
 def bootstrap_policy(
