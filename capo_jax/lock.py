@@ -2,10 +2,13 @@
 
 A second trainer on the same workdir stops with `WorkdirBusy` naming the owner; a lock left by a
 trainer that no longer runs on this host (killed, crashed) is taken over with a warning. The lock
-file is created with `os.link` of a finished temp file, so it is never seen half written.
+file is created with `os.link` of a finished temp file, so it is never seen half written (where the file
+system has no hard links, with an exclusive create). A stale lock is removed only by the one process that
+creates its takeover claim and finds the same file still there, so two contenders never both own it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -15,6 +18,8 @@ import uuid
 from typing import Any, Callable
 
 LOCK_FILE = ".lock"
+WRITE_GRACE_S = 10.0  # an unreadable lock younger than this may still be being written: wait, do not take it over
+RACE_S = 60.0  # how long `acquire` keeps racing other processes for the lock before it gives up
 
 
 class WorkdirBusy(RuntimeError):
@@ -88,6 +93,23 @@ def _read(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _snapshot(path: str) -> tuple[dict[str, Any] | None, str, float] | None:
+    """(the lock's owner or None when unreadable, the identity of this very file, its age in seconds); None when
+    there is no lock. The identity (inode, mtime, content hash) tells a stale lock from one written after it."""
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        owner = None
+    identity = hashlib.sha256(f"{stat.st_ino}:{stat.st_mtime_ns}:".encode() + data).hexdigest()[:16]
+    return (owner if isinstance(owner, dict) else None), identity, time.time() - stat.st_mtime
+
+
 def _link_new(path: str, info: dict[str, Any]) -> bool:
     """Create `path` holding `info` atomically; False when it already exists."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -98,7 +120,8 @@ def _link_new(path: str, info: dict[str, Any]) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:  # no hard links on this file system (some FUSE mounts): an exclusive create instead
+    except OSError:  # no hard links on this file system (some FUSE mounts): an exclusive create instead (readers may
+        # see it empty for a moment: `acquire` waits WRITE_GRACE_S before it calls an unreadable lock stale)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -110,11 +133,39 @@ def _link_new(path: str, info: dict[str, Any]) -> bool:
         os.remove(tmp)
 
 
+def claim_path(path: str, identity: str) -> str:
+    """The file whose creation gives one process the right to remove the lock file of this `identity`."""
+    return f"{path}.takeover-{identity}"
+
+
+def _take_over(path: str, identity: str, info: dict[str, Any]) -> bool:
+    """Remove the stale lock `path` if it is still the file of `identity`; True when this process removed it.
+
+    Only the creator of the claim may remove that file, and it re-reads the lock under the claim: a contender whose
+    view is older finds a different file there and leaves it. So a lock written after the stale one is never
+    removed, and of two contenders at most one removes the stale one (then both race for the link again)."""
+    claim = claim_path(path, identity)
+    if not _link_new(claim, info):
+        held = _snapshot(claim)
+        if held is not None and held[2] > WRITE_GRACE_S:  # takeovers take milliseconds: its taker died mid-way
+            raise WorkdirBusy(f"a takeover of the stale lock {path} was interrupted ({claim} is {held[2]:.0f} s old): "
+                              f"if no trainer uses {os.path.dirname(path)}, delete both files and start again")
+        return False
+    try:
+        now = _snapshot(path)
+        if now is None or now[1] != identity:
+            return False  # gone, or already replaced by a newer owner's lock
+        os.remove(path)
+        return True
+    finally:
+        os.remove(claim)
+
+
 def acquire(workdir: str, *, log: Callable[[str], None] | None = None, command: str | None = None) -> WorkdirLock:
     """Take `workdir/.lock` for this process, or raise WorkdirBusy naming the live owner.
 
     The same process may take it again (a second Run in one interpreter); a stale lock (its pid is gone
-    from this host, or its file is unreadable) is taken over with a warning through `log`.
+    from this host, or its file stays unreadable for WRITE_GRACE_S) is taken over with a warning through `log`.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     os.makedirs(workdir, exist_ok=True)
@@ -122,11 +173,19 @@ def acquire(workdir: str, *, log: Callable[[str], None] | None = None, command: 
     pid = os.getpid()
     info = {"host": socket.gethostname(), "pid": pid, "pid_start": _proc_start(pid),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command if command is not None else " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    for _ in range(5):
+            "command": command if command is not None else " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "token": uuid.uuid4().hex}  # no two lock files are ever equal
+    deadline = time.monotonic() + RACE_S
+    while time.monotonic() < deadline:
         if _link_new(path, info):
             return WorkdirLock(path, info)
-        owner = _read(path)
+        snap = _snapshot(path)
+        if snap is None:
+            continue  # removed since the link failed: race for it again
+        owner, identity, age = snap
+        if owner is None and age < WRITE_GRACE_S:
+            time.sleep(0.02)  # an exclusive create still being written (no hard links here): wait for its owner
+            continue
         if owner is not None and owner.get("host") != info["host"]:
             raise WorkdirBusy(f"workdir {os.path.dirname(path)} is in use by a trainer on {owner_line(owner)}: wait for it "
                               f"to finish or stop it there, or pass another --workdir; if no trainer runs there any more, "
@@ -134,17 +193,10 @@ def acquire(workdir: str, *, log: Callable[[str], None] | None = None, command: 
         if owner is not None and owner.get("pid") != pid and pid_alive(owner.get("pid", -1), owner.get("pid_start")):
             raise WorkdirBusy(f"workdir {os.path.dirname(path)} is in use by a trainer on {owner_line(owner)}: wait for it "
                               f"to finish or stop it (kill {owner.get('pid')}), or pass another --workdir")
-        # stale (dead pid on this host, or unreadable) or our own: move it out of the way and try again
-        aside = f"{path}.stale.{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            continue  # someone else removed it first: race for the link again
-        if _read(aside) != owner:  # a new owner linked it between our read and the rename: give it back
-            _link_new(path, _read(aside) or {})
-            os.remove(aside)
+        # stale (dead pid on this host, or unreadable) or our own: remove it if still that file, then link again
+        if not _take_over(path, identity, info):
+            time.sleep(0.005)  # another process is taking it over, or it changed: look again
             continue
-        os.remove(aside)
         if owner is None:
             log(f"[lock] {path} was unreadable: taking it over")
         elif owner.get("pid") != pid:
