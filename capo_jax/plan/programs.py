@@ -171,9 +171,10 @@ class Resident:
         return self.params + self.optimizer
 
 
-def train_program(roles: Roles) -> tuple[Any, dict, Resident]:
-    """The policy's train program (as `PolicyTrainer` builds it), the abstract batch of the config, and the
-    parameter / optimizer bytes per device its shardings give."""
+def train_program(roles: Roles) -> tuple[Any, dict, Resident, tuple]:
+    """The policy's train program (as `PolicyTrainer` builds it), the abstract batch of the config, the parameter /
+    optimizer bytes per device its shardings give, and the program's abstract arguments (lower with these: they
+    hold the abstract optimizer state, which costs a trace of the optimizer's init to make)."""
     from capo_jax.rl.train_step import StepOptions, abstract_batch, build_train_program, make_optimizer
 
     c = roles.config
@@ -188,16 +189,17 @@ def train_program(roles: Roles) -> tuple[Any, dict, Resident]:
     rows = int(c.rollout.prompts_per_step) * int(c.rollout.group_size)
     batch = abstract_batch(rows, int(c.rollout.max_prompt_len), int(c.rollout.max_new_tokens),
                            int(c.critic.num_critiques), int(c.reward.max_steps))
-    params, opt_state, _, _, ref = program.abstract_args(batch)
+    args = program.abstract_args(batch)
+    params, opt_state, _, _, ref = args
     resident = Resident(params=device_bytes(params) + (device_bytes(ref) if ref is not None else 0),
                         optimizer=device_bytes(opt_state))
-    return program, batch, resident
+    return program, batch, resident, args
 
 
 def compile_train(roles: Roles, log: Callable[[str], None] = print) -> tuple[Program, Resident]:
     """The policy's jitted CAPO update at the config's batch."""
     c = roles.config
-    program, batch, resident = train_program(roles)
+    program, batch, resident, args = train_program(roles)
     opts = program.opts
     rows = batch["outcome"].shape[0]
     n = len(roles.policy_mesh.devices.flat)
@@ -205,8 +207,8 @@ def compile_train(roles: Roles, log: Callable[[str], None] = print) -> tuple[Pro
         roles.policy, rows=rows, prompt_len=int(c.rollout.max_prompt_len), response_len=int(c.rollout.max_new_tokens),
         ppo_epochs=opts.ppo_epochs, remat=roles.policy.remat, logprob_remat=opts.logprob_remat,
         recompute_old=opts.old_logprob_source == "recompute", reference=opts.kl_coef > 0) / n
-    prog = _compile("train step", "policy", "train", program.lower(batch), default_trip=None, per=1, unit="step",
-                    analytic_flops=flops, analytic_bytes=None, holds_resident=True, num_devices=n, log=log)
+    prog = _compile("train step", "policy", "train", program.jitted(batch).lower(*args), default_trip=None, per=1,
+                    unit="step", analytic_flops=flops, analytic_bytes=None, holds_resident=True, num_devices=n, log=log)
     return prog, resident
 
 
