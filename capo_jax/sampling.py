@@ -546,7 +546,7 @@ def lower_generate(model: nnx.Module, num_prompts: int, prompt_len: int, params:
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     stops = jax.ShapeDtypeStruct((plan.stop_slots,), jnp.int32, sharding=rep)
     prefill = _PREFILL.lower(graphdef, plan, state, *inputs, key, scalar, scalar, stops)
-    shapes = jax.eval_shape(functools.partial(_prefill, graphdef, plan), state, *inputs, key, scalar, scalar, stops)
+    shapes = prefill.out_info  # the carry's shapes, from the one trace
     carry_sharding = _Carry(cache=plan.cache_sharding, **{f: plan.row_sharding for f in _Carry._fields[1:-1]},
                             step=rep)
     carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, carry_sharding)

@@ -210,8 +210,6 @@ def test_dual_clip_fraction_is_reported_apart_like_verls_lower_clip_fraction():
     np.testing.assert_allclose(float(sum(halves)), want_lower, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="rl/train_step.py must carry `clipped_dual` in its micro-batch "
-                   "stats and log it as train/clip_frac_dual (two lines, see the review-fix report); drop this mark then")
 def test_a_dual_clip_train_step_logs_the_dual_clip_fraction():
     from test_train_step import _batch, _trainer  # tests/ is on the path (as tiny_hf is for others)
 

@@ -267,6 +267,8 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
         stats0 = {name: jnp.zeros((), jnp.float32) for name in ("pg_loss", "ratio", "clipped", "old_kl", "entropy")}
         if opts.kl_coef > 0:
             stats0["kl"] = jnp.zeros((), jnp.float32)
+        if opts.clip_ratio_c:
+            stats0["clipped_dual"] = jnp.zeros((), jnp.float32)
         (grads, loss, stats), _ = jax.lax.scan(micro_step, (zero_grads, jnp.zeros((), jnp.float32), stats0), micro)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -279,6 +281,8 @@ def build_train_step(graphdef: Any, param_template: Any, optimizer: optax.Gradie
                "train/entropy": stats["entropy"], "train/approx_kl_old": stats["old_kl"]}
         if "kl" in stats:
             out["train/kl"] = stats["kl"]
+        if "clipped_dual" in stats:
+            out["train/clip_frac_dual"] = stats["clipped_dual"]
         return (params, opt_state), out
 
     def step(params, opt_state, batch, rng, ref_params):
