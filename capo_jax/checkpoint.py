@@ -186,6 +186,11 @@ class Checkpointer:
                 log(f"[checkpoint] {exc}{moved}")
             if failed:
                 log(f"[checkpoint] falling back to step {step}, the newest checkpoint that restores")
+                if move_aside and jax.process_count() > 1:  # every process lists what process 0 left, or a later
+                    from capo_jax.multihost import barrier  # save of a moved step would run on some of them only
+
+                    barrier("checkpoint-moved-aside")
+                    self.manager.reload()
             return {**out, "step": step}
         if failed:
             newest = failed[0]

@@ -7,6 +7,7 @@ with one line per problem naming the key and the fix.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -399,8 +400,18 @@ def role_devices(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> t
     return policy, critic
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_paths: bool = True) -> None:
-    """Raise ConfigError on the first inconsistency (one line: the key and the fix); warn on doubtful choices."""
+@dataclasses.dataclass(frozen=True)
+class _DeviceSlot:
+    """A stand-in device for validation: its number and its process."""
+
+    id: int
+    process_index: int
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_paths: bool = True,
+             num_processes: int = 1) -> None:
+    """Raise ConfigError on the first inconsistency (one line: the key and the fix); warn on doubtful choices.
+    `num_devices` (all processes' together) split evenly over `num_processes`."""
     schema = get_default_config()
     flat_schema = _flat_keys(schema)
     for key in _flat_keys(config):
@@ -463,7 +474,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         raise ConfigError(f"rollout.max_new_tokens={T} is not divisible by rl.logprob_chunk={config.rl.logprob_chunk}: pick a divisor of {T}")
     if num_devices is not None:
         try:
-            policy_list, critic_list = role_devices(config, list(range(num_devices)))
+            per = max(num_devices // max(int(num_processes), 1), 1)
+            slots = [_DeviceSlot(i, i // per) for i in range(num_devices)]  # stand-ins: the split is per process
+            policy_list, critic_list = role_devices(config, slots)
         except ValueError as exc:
             raise ConfigError(f"{exc}") from None
         policy_devices = len(policy_list)

@@ -374,10 +374,10 @@ def compiled_cache_sizes() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- host side
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[np.ndarray]:
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int, allow_empty: bool = False) -> list[np.ndarray]:
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = list(prompts)
-    if not isinstance(prompts, (list, tuple)) or not prompts:
+    if not isinstance(prompts, (list, tuple)) or not (prompts or allow_empty):
         raise ValueError("prompts must be a non-empty list of token-id lists (e.g. [[1, 2, 3], [4, 5]])")
     out = []
     for i, p in enumerate(prompts):
@@ -423,10 +423,10 @@ def _stop_ids(params: SamplingParams, config: Any) -> tuple[int, ...]:
 
 
 def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingParams,
-               mesh: Mesh | None, unstack: _Unstack | None = None, rules: Any = None) -> _Plan:
+               mesh: Mesh | None, unstack: _Unstack | None = None, rules: Any = None, batch: int | None = None) -> _Plan:
     axes = _batch_axes(mesh)
     dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
-    batch = batch_bucket(num_prompts, dp)
+    batch = batch_bucket(num_prompts, dp) if batch is None else int(batch)
     if batch * params.n == 1 and _on_cpu(mesh) and canonical_dtype(config.dtype) != "float32":
         # XLA:CPU lowers a 1-row bfloat16 dot to a slow naive loop; a second (discarded, already-stopped) row puts
         # every dot on the fast GEMM path.
@@ -450,16 +450,22 @@ def _make_plan(config: Any, num_prompts: int, max_prompt: int, params: SamplingP
     return dataclasses.replace(plan, row_sharding=row_sharding, cache_sharding=cache_sharding, rules=rules)
 
 
-def _pad_prompts(prompts: list[np.ndarray], plan: _Plan) -> tuple[np.ndarray, ...]:
-    """Left-pad into [batch, prompt_len]; filler rows hold one pad token and are marked invalid."""
-    ids = np.full((plan.batch, plan.prompt_len), plan.pad_id, np.int32)
-    mask = np.zeros((plan.batch, plan.prompt_len), bool)
+def _pad_prompts(prompts: list[np.ndarray], plan: _Plan, rows: int | None = None,
+                 index: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Left-pad into [rows (default: the plan's batch), prompt_len]; filler rows hold one pad token and are marked
+    invalid. `index`: each prompt's index (its samples' keys derive from it), default its position."""
+    rows = plan.batch if rows is None else int(rows)
+    ids = np.full((rows, plan.prompt_len), plan.pad_id, np.int32)
+    mask = np.zeros((rows, plan.prompt_len), bool)
     for i, p in enumerate(prompts):
         ids[i, plan.prompt_len - len(p):] = p
         mask[i, plan.prompt_len - len(p):] = True
     mask[len(prompts):, -1] = True
-    valid = np.arange(plan.batch) < len(prompts)
-    return ids, mask, np.arange(plan.batch, dtype=np.int32), valid
+    valid = np.arange(rows) < len(prompts)
+    prompt_idx = np.arange(rows, dtype=np.int32)
+    if index is not None:
+        prompt_idx[:len(prompts)] = index
+    return ids, mask, prompt_idx, valid
 
 
 def _as_key(rng: Any) -> jax.Array:
@@ -469,11 +475,14 @@ def _as_key(rng: Any) -> jax.Array:
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
+    """The rows of `x` (split over processes along dim 0) this process holds, in order: its own prompts' rows."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
+    pieces: dict[int, Any] = {}
+    for shard in x.addressable_shards:  # replicas of one slice (a tensor axis) are kept once
+        pieces.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _prompt_sharding(plan: _Plan) -> NamedSharding | None:
@@ -482,13 +491,39 @@ def _prompt_sharding(plan: _Plan) -> NamedSharding | None:
 
 
 def _setup(model_type: type, graphdef: nnx.GraphDef, config: Any, num_prompts: int, max_prompt: int,
-           params: SamplingParams, mesh: Mesh | None, unstack_layers: bool | None, rules: Any) -> _Plan:
+           params: SamplingParams, mesh: Mesh | None, unstack_layers: bool | None, rules: Any,
+           batch: int | None = None) -> _Plan:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
     if unstack_layers is None:
         unstack_layers = _on_cpu(mesh)
     unstack = _unstack_layout(model_type, config, graphdef) if unstack_layers else None
-    return _make_plan(config, num_prompts, max_prompt, params, mesh, unstack, rules)
+    return _make_plan(config, num_prompts, max_prompt, params, mesh, unstack, rules, batch)
+
+
+class _Layout(NamedTuple):
+    """Where this process's prompts go in a generate call whose mesh spans processes."""
+
+    batch: int  # prompt rows of the whole call (every process's, with filler)
+    local: int  # prompt rows this process feeds (its prompts, then filler)
+    max_prompt: int  # the longest prompt of any process
+    index: np.ndarray  # each of this process's prompts' index (keys derive from it)
+
+
+def _across_processes(mesh: Mesh, prompts: list[np.ndarray], index: np.ndarray | None) -> _Layout:
+    """Agree with the other processes on the call's shape (one small gather of counts and lengths); prompts without
+    an explicit index are numbered after those of the blocks before this process's."""
+    from capo_jax import multihost
+
+    shards = multihost.shards(mesh)
+    mine = len(shards.mine)
+    seen = multihost.allgather(np.array([len(prompts), max((len(p) for p in prompts), default=1), shards.block],
+                                        np.int64))
+    local = batch_bucket(max(int(seen[:, 0].max()), 1), mine)
+    if index is None:
+        counts = {int(b): int(c) for c, _, b in seen[::-1]}  # a block's processes feed the same prompts
+        index = sum(counts[b] for b in range(shards.block)) + np.arange(len(prompts))
+    return _Layout(local * shards.count // mine, local, int(seen[:, 1].max()), np.asarray(index, np.int32))
 
 
 def _scalars(params: SamplingParams, config: Any, plan: _Plan) -> tuple[jax.Array, jax.Array, np.ndarray]:
@@ -501,25 +536,47 @@ def _scalars(params: SamplingParams, config: Any, plan: _Plan) -> tuple[jax.Arra
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, rng: Any,
-             mesh: Mesh | None = None, *, unstack_layers: bool | None = None, rules: Any = None) -> GenerationResult:
+             mesh: Mesh | None = None, *, unstack_layers: bool | None = None, rules: Any = None,
+             prompt_index: Sequence[int] | None = None) -> GenerationResult:
     """Sample `params.n` continuations of each token-id prompt; row `i * n + j` is sample j of prompt i.
 
     `model` is a `capo_jax.models.Transformer` (used as is: its current weights, dtype and layout; for a trained
     policy pass an `InferenceCopy`'s model). With `mesh`, rows go over the ('data', 'fsdp') axes, and activations
     and the cache follow `rules` (default `parallel.inference_rules()`: cache heads over 'tensor'). `rng` is a jax
     key (or an int seed). `unstack_layers` (default: on CPU) runs a scanned layer stack as separate layers,
-    slicing the weights once per call inside the jitted functions instead of once per decode step."""
+    slicing the weights once per call inside the jitted functions instead of once per decode step.
+
+    Sample j of prompt i draws from keys of (rng, prompt_index[i] (default i), j): give each prompt its index in a
+    larger batch to sample it as that batch would. On a mesh spanning processes every process calls this with its
+    own prompts (any count, none included) and gets its own rows back; prompts without `prompt_index` are numbered
+    across the processes in the order of their row blocks (`capo_jax.multihost`)."""
+    from capo_jax.multihost import replicated, spans_processes
+
     config = model.config
-    prompts = _check_prompts(prompts, config.vocab_size)
+    multi = spans_processes(mesh)
+    prompts = _check_prompts(prompts, config.vocab_size, allow_empty=multi)
+    index = None if prompt_index is None else np.asarray(prompt_index, np.int64).reshape(-1)
+    if index is not None and len(index) != len(prompts):
+        raise ValueError(f"prompt_index has {len(index)} entries for {len(prompts)} prompts: give one per prompt")
     graphdef, state = nnx.split(model)
-    plan = _setup(type(model), graphdef, config, len(prompts), max(len(p) for p in prompts), params, mesh,
-                  unstack_layers, rules)
-    ids, mask, prompt_idx, valid = _pad_prompts(prompts, plan)
-    if mesh is not None:
+    if multi:
+        layout = _across_processes(mesh, prompts, index)
+        plan = _setup(type(model), graphdef, config, layout.batch, layout.max_prompt, params, mesh, unstack_layers,
+                      rules, batch=layout.batch)
+        inputs = _pad_prompts(prompts, plan, layout.local, layout.index)
         in_sharding = _prompt_sharding(plan)
-        ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
+        ids, mask, prompt_idx, valid = (jax.make_array_from_process_local_data(in_sharding, a) for a in inputs)
+    else:
+        plan = _setup(type(model), graphdef, config, len(prompts), max(len(p) for p in prompts), params, mesh,
+                      unstack_layers, rules)
+        ids, mask, prompt_idx, valid = _pad_prompts(prompts, plan, index=index)
+        if mesh is not None:
+            in_sharding = _prompt_sharding(plan)
+            ids, mask, prompt_idx, valid = (jax.device_put(a, in_sharding) for a in (ids, mask, prompt_idx, valid))
     rng = _as_key(rng)
     temperature, top_p, stops = _scalars(params, config, plan)
+    if multi:
+        rng, temperature, top_p, stops = (replicated(mesh, x) for x in (rng, temperature, top_p, stops))
     carry = _PREFILL(graphdef, plan, state, ids, mask, prompt_idx, valid, rng, temperature, top_p, stops)
     carry = _DECODE(graphdef, plan, state, carry, rng, temperature, top_p, stops)
     rows = len(prompts) * plan.n
@@ -616,7 +673,8 @@ class InferenceCopy:
 
 def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, rng: Any,
                   mesh: Mesh | None = None, *, add_special_tokens: bool = True,
-                  unstack_layers: bool | None = None, rules: Any = None) -> TextGenerationResult:
+                  unstack_layers: bool | None = None, rules: Any = None,
+                  prompt_index: Sequence[int] | None = None) -> TextGenerationResult:
     """`generate` on strings: encode with `tokenizer` (a transformers tokenizer), also stop at its EOS, and
     decode each sample without its stop token and special tokens."""
     if isinstance(prompts, str):
@@ -625,7 +683,8 @@ def generate_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], par
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not params.ignore_eos:
         params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (int(eos),))
-    result = generate(model, ids, params, rng, mesh, unstack_layers=unstack_layers, rules=rules)
+    result = generate(model, ids, params, rng, mesh, unstack_layers=unstack_layers, rules=rules,
+                      prompt_index=prompt_index)
     stops = set(_stop_ids(params, model.config))
     texts = []
     for row, length in zip(result.tokens, result.lengths):

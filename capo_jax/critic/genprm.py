@@ -49,11 +49,25 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|
 def select_devices(spec: Any, devices: Sequence[jax.Device] | None = None) -> list[jax.Device] | None:
     """The devices a `devices` option names: None for "" (share the policy's), else a list.
 
-    Accepts a list of indices, a string of comma-separated indices, "first:N" or "last:N".
+    Accepts a list of indices, a string of comma-separated indices, "first:N" or "last:N". When `devices` belong to
+    several processes, the option picks within each process's own devices (indices count from each process's first
+    device), so every host keeps devices of both roles and the critic's mesh spans every host, as the policy's does.
     """
     devices = list(jax.devices() if devices is None else devices)
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         return None
+    processes: dict[int, list] = {}
+    for d in devices:
+        processes.setdefault(getattr(d, "process_index", 0), []).append(d)
+    if len(processes) > 1:
+        if len({len(v) for v in processes.values()}) > 1:
+            raise ValueError(f"critic.devices={spec!r}: the processes have different numbers of devices")
+        picked = [_select_one_process(spec, local) for local in processes.values()]
+        return None if picked[0] is None else [d for p in picked for d in p]
+    return _select_one_process(spec, devices)
+
+
+def _select_one_process(spec: Any, devices: list) -> list | None:
     if isinstance(spec, str):
         text = spec.strip()
         if ":" in text:

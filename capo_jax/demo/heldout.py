@@ -21,8 +21,9 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
 
 
-def score_responses(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, float]:
-    """Accuracy, its standard error, and the true wrong-step rate of `samples` responses per problem (in order)."""
+def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, list]:
+    """Per (problem, sample) pair, in order: whether the answer is right, the fraction of its steps that are wrong,
+    and whether any is."""
     from capo_jax.critic.rule import true_wrong_steps
     from capo_jax.rewards.steps import split_steps
 
@@ -36,7 +37,18 @@ def score_responses(problems: Sequence[Problem], texts: Sequence[str], samples: 
         wrong = true_wrong_steps(steps, problem.question)
         step_errors.append(len(wrong) / len(steps))
         flawed.append(bool(wrong))
-    n = len(texts)
+    return {"correct": correct, "step_errors": step_errors, "flawed": flawed}
+
+
+def score_responses(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, float]:
+    """Accuracy, its standard error, and the true wrong-step rate of `samples` responses per problem (in order)."""
+    return summarize(pair_scores(problems, texts, samples))
+
+
+def summarize(pairs: dict[str, list]) -> dict[str, float]:
+    """The rates (and the accuracy's standard error) of `pair_scores` output."""
+    correct, step_errors, flawed = pairs["correct"], pairs["step_errors"], pairs["flawed"]
+    n = len(correct)
     acc = float(np.mean(correct)) if n else float("nan")
     return {"accuracy": acc, "accuracy_se": binomial_se(acc, n), "step_error_rate": float(np.mean(step_errors)) if n else float("nan"),
             "flawed_response_rate": float(np.mean(flawed)) if n else float("nan"), "pairs": n}
@@ -46,13 +58,20 @@ def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_pr
                    temperature: float, max_new_tokens: int, greedy: bool = True, seed: int = 0,
                    template: str = DEFAULT_TEMPLATE, mesh: Any = None) -> dict[str, float]:
     """Score `model` on the world's first `num_problems` held-out problems: `samples` responses each at
-    `temperature` (keys `sampled_*`) and, with `greedy`, one greedy response each (keys `greedy_*`)."""
+    `temperature` (keys `sampled_*`) and, with `greedy`, one greedy response each (keys `greedy_*`).
+
+    On several processes each samples and scores its share of the problems (`multihost.share`: by its block of
+    `mesh`, or by process without one), each problem with the keys it has in the whole list, and all get the rates
+    of every share together: the numbers one process would report."""
+    from capo_jax import multihost
     from capo_jax.sampling import SamplingParams, generate_text
 
     problems = world.test_set()[:num_problems]
     if not problems:
         raise ValueError("the world's test split is empty: raise data.world.num_test")
-    prompts = [format_prompt(p.question, template) for p in problems]
+    lo, hi = multihost.share(len(problems), mesh)
+    mine = problems[lo:hi]
+    prompts = [format_prompt(p.question, template) for p in mine]
     out: dict[str, float] = {"problems": float(len(problems))}
     runs = []
     if samples > 0:
@@ -60,6 +79,11 @@ def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_pr
     if greedy:
         runs.append(("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens), 1))
     for name, params, n in runs:
-        texts = generate_text(model, tokenizer, prompts, params, seed, mesh).texts
-        out.update({f"{name}_{k}": float(v) for k, v in score_responses(problems, texts, n).items()})
+        if prompts or multihost.spans_processes(mesh):  # a mesh over processes: every process takes part in each call
+            texts = generate_text(model, tokenizer, prompts, params, seed, mesh, prompt_index=range(lo, hi)).texts
+        else:
+            texts = []
+        pieces = multihost.gather_blocks(pair_scores(mine, texts, n), mesh)
+        pairs = {k: [v for piece in pieces for v in piece[k]] for k in ("correct", "step_errors", "flawed")}
+        out.update({f"{name}_{k}": float(v) for k, v in summarize(pairs).items()})
     return out

@@ -22,7 +22,7 @@ import numpy as np
 
 from capo_jax import checkpoint as ckpt_lib
 from capo_jax import config as config_lib
-from capo_jax import parallel
+from capo_jax import multihost, parallel
 from capo_jax.critic.base import CritiqueRequest
 from capo_jax.metrics import MetricsWriter, PhaseTimer
 from capo_jax.rl.train_step import PolicyTrainer, StepOptions, make_optimizer
@@ -62,13 +62,50 @@ def make_critic(config: ml_collections.ConfigDict, *, mesh: Any = None):
 
 
 def resolve_policy_path(config: ml_collections.ConfigDict, logger=print) -> str:
-    """The policy's HF folder: config.policy.path, or the demo policy from the bootstrap cache (trained on first use)."""
+    """The policy's HF folder: config.policy.path, or the demo policy from the bootstrap cache (trained on first use).
+
+    On several processes process 0 builds the bootstrap first while the others wait; they then reuse it (a cache
+    folder they share) or build the same one (a cache of their own), and all check they hold the same weights."""
     if config.policy.path:
         return config.policy.path
     from capo_jax.demo.bootstrap import cached_bootstrap
 
-    return cached_bootstrap(str(config.demo.cache_dir), world=config.data.world.to_dict(),
-                            model=config.demo.model.to_dict(), sft=config.demo.sft.to_dict(), log=logger)
+    def build() -> str:
+        return cached_bootstrap(str(config.demo.cache_dir), world=config.data.world.to_dict(),
+                                model=config.demo.model.to_dict(), sft=config.demo.sft.to_dict(), log=logger)
+
+    if multihost.process_count() == 1:
+        return build()
+    path, failure = None, None
+    for turn in ("lead", "others"):
+        if (turn == "lead") == multihost.is_lead():
+            try:
+                path = build()
+            except Exception as exc:  # noqa: BLE001 - said on every process below, then raised here
+                failure = exc
+        multihost.barrier(f"bootstrap-{turn}")
+    if multihost.any_process(failure is not None):
+        if failure is not None:
+            raise failure
+        raise RuntimeError("the demo bootstrap failed on another process: see its output")
+    digests = multihost.allgather_objects(_folder_digest(path))
+    if len(set(digests)) > 1:
+        raise config_lib.ConfigError(
+            f"the processes built different demo policies ({path} on process {jax.process_index()}): point "
+            "demo.cache_dir (or CAPO_JAX_CACHE) at a folder every host shares, so all read process 0's")
+    return path
+
+
+def _folder_digest(path: str) -> str:
+    """A hash of a model folder's weights and config (to check every process loads the same model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") or name == "config.json":
+            with open(os.path.join(path, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
 
 
 def load_tokenizer(path: str):
@@ -118,9 +155,9 @@ def rollout_params(config: ml_collections.ConfigDict, pad: int, stops: tuple[int
 
 
 def rollout_phase(model: Any, tokenizer: Any, examples: Sequence[Any], config: ml_collections.ConfigDict, rng: jax.Array,
-                  mesh: Any, stops: tuple[int, ...], rules: Any = None) -> Rollout:
+                  mesh: Any, stops: tuple[int, ...], rules: Any = None, prompt_index: Sequence[int] | None = None) -> Rollout:
     """Sample G responses per prompt with `model` (the policy's inference copy); pad prompts to
-    rollout.max_prompt_len."""
+    rollout.max_prompt_len. `prompt_index`: each prompt's position in the step's global batch (its samples' keys)."""
     from capo_jax.sampling import generate
 
     ro = config.rollout
@@ -128,7 +165,7 @@ def rollout_phase(model: Any, tokenizer: Any, examples: Sequence[Any], config: m
     prompts = [list(ex.prompt_ids)[-P:] for ex in examples]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = rollout_params(config, pad, stops)
-    res = generate(model, prompts, params, rng, mesh, rules=rules)
+    res = generate(model, prompts, params, rng, mesh, rules=rules, prompt_index=prompt_index)
     tokens = np.asarray(res.tokens, np.int32)
     lengths = np.asarray(res.lengths, np.int32)
     B = len(prompts) * G
@@ -190,6 +227,7 @@ class CritiqueResult:
     failed_calls: int  # critic calls that raised (their rows degrade to outcome-only)
     prompt_tokens: int
     generated_tokens: int
+    whole_batch: bool = False  # the counts cover every process's rows (else this process's)
 
 
 def _requests(rollout: Rollout, steps: Sequence[Sequence[str]], include_reference: bool) -> list[CritiqueRequest]:
@@ -202,22 +240,13 @@ def _requests(rollout: Rollout, steps: Sequence[Sequence[str]], include_referenc
     return out
 
 
-def critique_phase(critic: Any, rollout: Rollout, steps: Sequence[Sequence[str]], config: ml_collections.ConfigDict,
-                   rng: np.random.Generator, outcome: np.ndarray) -> CritiqueResult:
-    """Critique every response M times and parse the verdicts; anything unusable is an invalid vote."""
-    from capo_jax.critic import INVALID, parse_outcome_verdict, parse_verdict
-    from capo_jax.rewards.credit import votes_from_verdicts
-
-    B, M, S = len(rollout.texts), int(config.critic.num_critiques), int(config.reward.max_steps)
-    mode = config.reward.mode
-    empty = CritiqueResult(np.zeros((B, M, S), bool), np.zeros((B, M), bool), None, 0, 0, 0, 0)
-    if critic is None or mode == "grpo":
-        return empty
-    requests = _requests(rollout, steps, bool(config.critic.include_reference))
-    bs = max(int(config.critic.batch_size), 1) if config.critic.backend == "genprm" else B
+def _critique_texts(critic: Any, requests: Sequence[CritiqueRequest], M: int, bs: int, mode: str,
+                    rng: np.random.Generator) -> tuple[list[list[str]], int, int, int]:
+    """Up to M critique texts per request, `bs` requests per critic call; (texts, failed calls, prompt tokens,
+    generated tokens)."""
     texts: list[list[str]] = []
     failed = prompt_tokens = generated = 0
-    for lo in range(0, B, bs):
+    for lo in range(0, len(requests), bs):
         chunk = requests[lo:lo + bs]
         try:
             got = (critic.judge_outcome if mode == "genorm" else critic.critique)(chunk, M, rng)
@@ -231,6 +260,46 @@ def critique_phase(critic: Any, rollout: Rollout, steps: Sequence[Sequence[str]]
             failed += 1
             got = [[] for _ in chunk]
         texts.extend([list(t)[:M] if isinstance(t, (list, tuple)) else [] for t in got])
+    return texts, failed, prompt_tokens, generated
+
+
+def _all_requests(requests: Sequence[CritiqueRequest], rows: np.ndarray, total: int) -> list[CritiqueRequest]:
+    """The requests of every process's rows, in global row order (`rows`: this process's rows' global indices)."""
+    full: list[CritiqueRequest | None] = [None] * total
+    mine = [[r.question, list(r.steps), r.reference] for r in requests]
+    for index, pieces in multihost.allgather_objects([[int(i) for i in rows], mine]):
+        for i, (question, steps, reference) in zip(index, pieces):
+            full[i] = CritiqueRequest(question=question, steps=tuple(steps), reference=reference)
+    return full  # type: ignore[return-value]
+
+
+def critique_phase(critic: Any, rollout: Rollout, steps: Sequence[Sequence[str]], config: ml_collections.ConfigDict,
+                   rng: np.random.Generator, outcome: np.ndarray, rows: np.ndarray | None = None,
+                   total: int | None = None) -> CritiqueResult:
+    """Critique every response M times and parse the verdicts; anything unusable is an invalid vote.
+
+    On several processes (`rows`: the global indices of this process's rows of a `total`-row batch), a critic with
+    a mesh (GenPRM) critiques each process's own rows on that mesh, every process calling it alike; a critic
+    without one (the rule critic, host-side) judges the whole batch on every process with the step's one random
+    stream, as one process would, and each keeps its rows (its counts then cover the whole batch)."""
+    from capo_jax.critic import INVALID, parse_outcome_verdict, parse_verdict
+    from capo_jax.rewards.credit import votes_from_verdicts
+
+    B, M, S = len(rollout.texts), int(config.critic.num_critiques), int(config.reward.max_steps)
+    mode = config.reward.mode
+    empty = CritiqueResult(np.zeros((B, M, S), bool), np.zeros((B, M), bool), None, 0, 0, 0, 0)
+    if critic is None or mode == "grpo":
+        return empty
+    requests = _requests(rollout, steps, bool(config.critic.include_reference))
+    bs = max(int(config.critic.batch_size), 1) if config.critic.backend == "genprm" else B
+    whole = False
+    if multihost.process_count() > 1 and getattr(critic, "mesh", None) is None and rows is not None:
+        everyone = _all_requests(requests, rows, int(total))
+        texts, failed, prompt_tokens, generated = _critique_texts(critic, everyone, M, len(everyone), mode, rng)
+        texts = [texts[int(i)] for i in rows]
+        whole = True
+    else:
+        texts, failed, prompt_tokens, generated = _critique_texts(critic, requests, M, bs, mode, rng)
     if mode == "genorm":
         judged = outcome.astype(np.float32).copy()
         valid = np.zeros((B, M), bool)
@@ -240,13 +309,13 @@ def critique_phase(critic: Any, rollout: Rollout, steps: Sequence[Sequence[str]]
             valid[b, :len(verdicts)] = [v is not INVALID for v in verdicts]
             if ok:  # majority of the valid judgements; no valid one: keep the rule verifier's outcome
                 judged[b] = float(2 * sum(bool(v) for v in ok) > len(ok))
-        return CritiqueResult(np.zeros((B, M, S), bool), valid, judged, B * M, failed, prompt_tokens, generated)
+        return CritiqueResult(np.zeros((B, M, S), bool), valid, judged, B * M, failed, prompt_tokens, generated, whole)
     verdicts = []
     for b, row in enumerate(texts):
         n_steps = len(steps[b]) or 1
         verdicts.append([parse_verdict(t, n_steps, index_base=int(config.critic.index_base)) for t in row])
     votes, valid = votes_from_verdicts(verdicts, B, M, S)
-    return CritiqueResult(votes, valid, None, B * M, failed, prompt_tokens, generated)
+    return CritiqueResult(votes, valid, None, B * M, failed, prompt_tokens, generated, whole)
 
 
 def critic_agreement(votes: np.ndarray, valid: np.ndarray, num_steps: np.ndarray) -> float:
@@ -294,7 +363,7 @@ class Run:
     """Everything one training run holds: mesh, roles, trainer, data, checkpoints, metrics."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, stream: Any = None) -> None:
-        config_lib.validate(config, num_devices=len(jax.devices()))
+        config_lib.validate(config, num_devices=len(jax.devices()), num_processes=jax.process_count())
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -307,6 +376,7 @@ class Run:
         pol_devices, _ = policy_devices(config)
         m = config.mesh
         self.mesh = parallel.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=pol_devices)
+        self.groups, self.rows = self._my_rows()
         from capo_jax.hub import resolve_model_paths
 
         models = resolve_model_paths(config, log=self._log)  # hub ids -> local snapshots; self.config keeps the ids
@@ -340,7 +410,8 @@ class Run:
 
         data_cfg = config.data.to_dict()
         data_cfg["max_prompt_tokens"] = min(int(data_cfg.get("max_prompt_tokens", 10**9)), int(config.rollout.max_prompt_len))
-        self.source = build_source(data_cfg, self.tokenizer)
+        # every process walks the one global stream and samples the prompts of the rows it holds (self.groups)
+        self.source = build_source(data_cfg, self.tokenizer, process_index=0, process_count=1)
         self.base_key = jax.random.key(int(config.seed))
         self.checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=int(config.checkpoint.keep),
                                                   every=int(config.checkpoint.every),
@@ -361,13 +432,34 @@ class Run:
             print(message, file=self._stream or sys.stderr, flush=True)
 
     def _hold_lock(self) -> None:
-        """Own workdir/.lock (process 0 only): WorkdirBusy when a live trainer has it; released when training ends."""
-        if jax.process_index() != 0 or (self._lock is not None and self._lock.held()):
-            return
+        """Own workdir/.lock (process 0 only): WorkdirBusy when a live trainer has it (on every process: they agree
+        before going on); released when training ends."""
         from capo_jax import lock
 
-        self._lock = lock.acquire(self.workdir, log=self._log)
-        weakref.finalize(self, self._lock.release)  # also at interpreter exit, and after an exception in __init__
+        failure = None
+        if jax.process_index() == 0 and not (self._lock is not None and self._lock.held()):
+            try:
+                self._lock = lock.acquire(self.workdir, log=self._log)
+                weakref.finalize(self, self._lock.release)  # also at interpreter exit, and after an exception in __init__
+            except lock.WorkdirBusy as exc:
+                failure = exc
+        if multihost.any_process(failure is not None):
+            raise failure or lock.WorkdirBusy(f"process 0 could not take {os.path.join(self.workdir, lock.LOCK_FILE)}: "
+                                              "see its message")
+
+    def _my_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts of each step's global batch whose rows this process holds on the policy mesh (every prompt's
+        G samples on one process), and those rows' global indices."""
+        P, G = int(self.config.rollout.prompts_per_step), int(self.config.rollout.group_size)
+        try:
+            groups = multihost.local_groups(P * G, G, self.mesh)
+        except ValueError as exc:
+            raise config_lib.ConfigError(f"rollout.prompts_per_step={P} on {jax.process_count()} processes: {exc}") from None
+        rows = (groups[:, None] * G + np.arange(G)).reshape(-1)
+        if multihost.process_count() > 1:
+            self._log(f"[train] process {jax.process_index()} of {jax.process_count()} samples prompts "
+                      f"{_ranges(groups)} of each step's {P}")
+        return groups, rows
 
     def _resume(self) -> None:
         """Restore the newest checkpoint that restores; broken newer ones are reported in one line and moved aside."""
@@ -400,58 +492,79 @@ class Run:
     # -- one step
 
     def train_step(self) -> dict[str, float]:
-        """Rollout -> verify -> steps -> critique -> update for one batch of prompts; returns host metrics."""
+        """Rollout -> verify -> steps -> critique -> update for one batch of prompts; returns host metrics (over every
+        process's rows)."""
         cfg = self.config
         timer = PhaseTimer()
         step_key = jax.random.fold_in(self.base_key, self.step)
         rollout_key, update_key = jax.random.split(step_key)
         host_rng = np.random.default_rng([int(cfg.seed), self.step, 7])
+        G = int(cfg.rollout.group_size)
         with timer("data"):
             examples = self.source.next_batch(int(cfg.rollout.prompts_per_step))
+            examples = [examples[int(i)] for i in self.groups]  # this process's prompts
         with timer("rollout"):
             ro = rollout_phase(self.rollout_copy.refresh(self.model), self.tokenizer, examples, cfg, rollout_key,
-                               self.mesh, self.stops, rules=self.rollout_copy.rules)
-        G = int(cfg.rollout.group_size)
+                               self.mesh, self.stops, rules=self.rollout_copy.rules, prompt_index=self.groups)
         references = [ex.answer for ex in examples for _ in range(G)]
         with timer("verify"):
             outcome = verify_phase(ro.texts, references, cfg)
         with timer("steps"):
             steps = steps_phase(ro, self.tokenizer, cfg)
+        total = int(cfg.rollout.prompts_per_step) * G
         with timer("critic"):
-            crit = critique_phase(self.critic, ro, steps.steps, cfg, host_rng, outcome)
+            crit = critique_phase(self.critic, ro, steps.steps, cfg, host_rng, outcome, self.rows, total)
         train_outcome = crit.outcome if crit.outcome is not None else outcome
         batch = assemble_batch(ro, steps.token_step, train_outcome, crit)
         with timer("update"):
             device_metrics = self.trainer.step(batch, update_key)
             metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         self.step += 1
-
-        num_steps = np.array([len(s) for s in steps.steps])
-        n_tokens = int(ro.lengths.sum())
-        metrics.update({
-            "reward/outcome_accuracy": float(outcome.mean()),
-            "reward/train_outcome": float(train_outcome.mean()),
-            "rollout/response_len": float(ro.lengths.mean()),
-            "rollout/response_len_max": float(ro.lengths.max()),
-            "rollout/truncated_frac": float(1.0 - ro.stopped.mean()),
-            "steps/per_response": float(num_steps.mean()),
-            "steps/folded_frac": float((steps.folded > 0).mean()),
-            "critic/parse_failure_rate": float(1.0 - crit.vote_valid.sum() / crit.requested) if crit.requested else 0.0,
-            "critic/agreement": critic_agreement(crit.votes, crit.vote_valid, num_steps),
-            "critic/failed_calls": float(crit.failed_calls),
-            "critic/flagged_step_frac": flagged_step_fraction(crit.votes, crit.vote_valid, num_steps),
-            "critic/prompt_tokens": float(crit.prompt_tokens),
-            "critic/generated_tokens": float(crit.generated_tokens),
-            "optim/learning_rate": float(self.schedule(self.step * self.opts.updates_per_step - 1)),
-        })
-        if crit.outcome is not None:
-            metrics["critic/outcome_agreement_with_verifier"] = float((crit.outcome == outcome).mean())
+        host, tokens, critic_tokens = self._host_metrics(ro, steps, outcome, train_outcome, crit, total)
+        metrics.update(host)
         metrics.update(timer.metrics())
         sec = timer.seconds
-        metrics["throughput/policy_tokens_per_s"] = n_tokens / max(sec.get("rollout", 0.0), 1e-9)
-        metrics["throughput/critic_tokens_per_s"] = (crit.prompt_tokens + crit.generated_tokens) / max(sec.get("critic", 0.0), 1e-9)
-        metrics["throughput/update_tokens_per_s"] = n_tokens * self.opts.ppo_epochs / max(sec.get("update", 0.0), 1e-9)
+        metrics["throughput/policy_tokens_per_s"] = tokens / max(sec.get("rollout", 0.0), 1e-9)
+        metrics["throughput/critic_tokens_per_s"] = critic_tokens / max(sec.get("critic", 0.0), 1e-9)
+        metrics["throughput/update_tokens_per_s"] = tokens * self.opts.ppo_epochs / max(sec.get("update", 0.0), 1e-9)
         return metrics
+
+    def _host_metrics(self, ro: Rollout, steps: Any, outcome: np.ndarray, train_outcome: np.ndarray,
+                      crit: CritiqueResult, total: int) -> tuple[dict[str, float], int, int]:
+        """The rollout, step and critic metrics of the whole batch: each process's rows gathered (per-row values) or
+        summed (counts), so process 0 reports every process's rows. Also the batch's response tokens and the critic's
+        tokens (for the throughputs)."""
+        rows = {"outcome": outcome, "train_outcome": train_outcome, "lengths": ro.lengths, "stopped": ro.stopped,
+                "num_steps": np.array([len(s) for s in steps.steps], np.int32), "folded": np.asarray(steps.folded),
+                "votes": crit.votes, "valid": crit.vote_valid}
+        if crit.outcome is not None:
+            rows["critic_outcome"] = crit.outcome
+        g = multihost.gather_rows(rows, self.rows, total)
+        counts = np.array([crit.failed_calls, crit.prompt_tokens, crit.generated_tokens], np.int64)
+        if not crit.whole_batch and multihost.process_count() > 1:
+            counts = np.sum(multihost.gather_blocks(counts.tolist(), self.mesh), axis=0)
+        failed, prompt_tokens, generated = (int(c) for c in counts)
+        requested = g["valid"].size if crit.requested else 0
+        n_tokens = int(g["lengths"].sum())
+        metrics = {
+            "reward/outcome_accuracy": float(g["outcome"].mean()),
+            "reward/train_outcome": float(g["train_outcome"].mean()),
+            "rollout/response_len": float(g["lengths"].mean()),
+            "rollout/response_len_max": float(g["lengths"].max()),
+            "rollout/truncated_frac": float(1.0 - g["stopped"].mean()),
+            "steps/per_response": float(g["num_steps"].mean()),
+            "steps/folded_frac": float((g["folded"] > 0).mean()),
+            "critic/parse_failure_rate": float(1.0 - g["valid"].sum() / requested) if requested else 0.0,
+            "critic/agreement": critic_agreement(g["votes"], g["valid"], g["num_steps"]),
+            "critic/failed_calls": float(failed),
+            "critic/flagged_step_frac": flagged_step_fraction(g["votes"], g["valid"], g["num_steps"]),
+            "critic/prompt_tokens": float(prompt_tokens),
+            "critic/generated_tokens": float(generated),
+            "optim/learning_rate": float(self.schedule(self.step * self.opts.updates_per_step - 1)),
+        }
+        if crit.outcome is not None:
+            metrics["critic/outcome_agreement_with_verifier"] = float((g["critic_outcome"] == g["outcome"]).mean())
+        return metrics, n_tokens, prompt_tokens + generated
 
     def evaluate(self) -> dict[str, float]:
         """Held-out evaluation of the arithmetic demo: sampled accuracy at the rollout temperature over
@@ -488,12 +601,14 @@ class Run:
                                     keep_through=self.step if self.step > 0 else -1)
         previous = signal.signal(signal.SIGTERM, self.request_stop) if _main_thread() else None
         bad_in_a_row = 0
+        stop = False
         try:
             if self.step >= total:
                 self._log(f"[train] already at step {self.step} of {total}: nothing to do")
             elif self.step == 0 and int(cfg.eval.every) > 0:  # the starting policy's level, the reference for every eval
                 self.writer.write(0, self.evaluate())
-            while self.step < stop_at and not self._stop_signal:
+            # every process leaves at the same step: a SIGTERM to any of them stops all (one small gather per step)
+            while self.step < stop_at and not (stop := multihost.any_process(self._stop_signal)):
                 metrics = self.train_step()
                 skipped = metrics.get("train/skipped_updates", 0.0) > 0
                 bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -509,10 +624,11 @@ class Run:
                                            f"(max_bad_steps={cfg.max_bad_steps}); stopping without a new checkpoint")
                 if bad_in_a_row == 0 and (self.checkpointer.should_save(self.step) or self.step in (stop_at, total)):
                     self.save()
-            if self._stop_signal:
-                self._log(f"[train] SIGTERM: checkpointing step {self.step} and exiting")
+            if stop:
+                who = "" if self._stop_signal else " (on another process)"
+                self._log(f"[train] SIGTERM{who}: checkpointing step {self.step} and exiting")
                 self.save()
-            elif self.step >= total and lead:
+            elif self.step >= total:
                 self.finish()
         finally:
             self.checkpointer.close()
@@ -524,8 +640,10 @@ class Run:
         return self.step
 
     def finish(self) -> None:
-        """End-of-run outputs the config asks for: a Hugging Face export of the policy and a PNG of the curves."""
+        """End-of-run outputs the config asks for: a Hugging Face export of the policy (every process calls it, the
+        weights are gathered, process 0 writes) and a PNG of the curves (process 0)."""
         cfg = self.config
+        lead = multihost.is_lead()
         if bool(cfg.finish.export_hf):
             from capo_jax.models import save_pretrained
 
@@ -533,14 +651,28 @@ class Run:
             save_pretrained(self.model, out, tokenizer_dir=os.path.join(self.workdir, ckpt_lib.POLICY_HF_DIR))
             from capo_jax.export import load_hint
 
-            self._log(f"[train] policy exported as a Hugging Face folder: {out}; {load_hint(out)}")
-        if bool(cfg.finish.plot):
+            if lead:
+                self._log(f"[train] policy exported as a Hugging Face folder: {out}; {load_hint(out)}")
+        if bool(cfg.finish.plot) and lead:
             try:
                 from capo_jax.demo.plot import plot_run
 
                 self._log(f"[train] curves plotted: {plot_run(self.workdir)}")
             except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
                 self._log(f"[train] could not plot the curves ({exc})")
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """`0..3, 8..11` for [0, 1, 2, 3, 8, 9, 10, 11]."""
+    out, start = [], None
+    values = [int(v) for v in values]
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}..{v}" if v > start else f"{v}")
+            start = None
+    return ", ".join(out)
 
 
 def _main_thread() -> bool:

@@ -28,6 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from capo_jax import parallel
+from capo_jax import multihost
+from capo_jax.multihost import replicated, spans_processes
 from capo_jax.rl import losses
 
 # Arrays of one rollout batch (B = prompts x G rows, group rows contiguous), all fixed-shape.
@@ -492,14 +494,20 @@ class PolicyTrainer:
         if missing:
             raise KeyError(f"rollout batch lacks {missing}; the train step needs {list(BATCH_KEYS)}")
         host = {k: np.asarray(batch[k], dtype=BATCH_KEYS[k]) for k in BATCH_KEYS}
-        # each process passes its own rows (multi-host: its share of the prompts); one process: the whole batch
-        return {k: jax.make_array_from_process_local_data(s, v) for (k, v), s in zip(host.items(), self.batch_shardings(host).values())}
+        # each process passes its own rows (several processes: those of its row shards); one process: the whole batch
+        factor = 1
+        if spans_processes(self.mesh):
+            shards = multihost.shards(self.mesh)
+            factor = shards.count // len(shards.mine)
+        shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * factor, *v.shape[1:]), v.dtype) for k, v in host.items()}
+        shardings = self.batch_shardings(shapes)
+        return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k].shape) for k, v in host.items()}
 
     def step(self, batch: Mapping[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
         """One RL update on a rollout batch; returns the step's metrics (device scalars)."""
         placed = self.prepare_batch(batch)
         fn = self._compiled(placed)
-        rng = jax.device_put(rng, self.replicated)
+        rng = replicated(self.mesh, rng) if spans_processes(self.mesh) else jax.device_put(rng, self.replicated)
         self.params, self.opt_state, metrics = fn(self.params, self.opt_state, placed, rng, self.ref_params)
         self.sync_model()
         return metrics
