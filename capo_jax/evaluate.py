@@ -55,26 +55,44 @@ def score_benchmark(
     timeout: float = 10.0,
 ) -> dict[str, Any]:
     """Metrics of one benchmark from its responses: greedy accuracy, and avg@n / pass@k over n samples per item."""
+    return summarize_scores(bench, item_scores(bench, items, greedy, samples, timeout=timeout))
+
+
+def item_scores(bench: Benchmark, items: Sequence[Item], greedy: Sequence[str] | None,
+                samples: Sequence[Sequence[str]] | None, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Per item: whether the greedy response is right (`greedy_correct`), how many of the n samples are
+    (`sample_correct_counts`, with `num_samples`); JSON-able, so the shares of several processes join by concatenation."""
     from capo_jax.rewards.verify import score
 
     refs = [it.reference for it in items]
-    out: dict[str, Any] = {"num_items": len(items), "answer_format": bench.answer_format}
+    out: dict[str, Any] = {}
     if greedy is not None:
-        ok = score(list(greedy), refs, timeout=timeout, answer_format=bench.answer_format)
-        out["greedy_correct"] = ok.astype(int).tolist()
-        out["pass@1_greedy"] = float(ok.mean())
+        out["greedy_correct"] = score(list(greedy), refs, timeout=timeout, answer_format=bench.answer_format).astype(int).tolist()
     if samples is not None:
-        n = len(samples[0])
+        n = len(samples[0]) if samples else 0
         if any(len(s) != n for s in samples) or len(samples) != len(items):
             raise ValueError("samples must hold the same number of responses for every item")
         flat = score([r for s in samples for r in s], [r for r in refs for _ in range(n)], timeout=timeout,
                      answer_format=bench.answer_format).reshape(len(items), n)
-        counts = flat.sum(axis=1).astype(int)
         out["num_samples"] = n
-        out["sample_correct_counts"] = counts.tolist()
-        out[f"avg@{n}"] = float(flat.mean())
+        out["sample_correct_counts"] = flat.sum(axis=1).astype(int).tolist()
+    return out
+
+
+def summarize_scores(bench: Benchmark, scores: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's metrics from `item_scores`: pass@1 greedy, avg@n and the unbiased pass@k."""
+    size = len(scores.get("greedy_correct", scores.get("sample_correct_counts", [])))
+    out: dict[str, Any] = {"num_items": size, "answer_format": bench.answer_format}
+    if "greedy_correct" in scores:
+        out["greedy_correct"] = list(scores["greedy_correct"])
+        out["pass@1_greedy"] = float(np.mean(scores["greedy_correct"]))
+    if "sample_correct_counts" in scores:
+        n, counts = int(scores["num_samples"]), [int(c) for c in scores["sample_correct_counts"]]
+        out["num_samples"] = n
+        out["sample_correct_counts"] = counts
+        out[f"avg@{n}"] = float(np.sum(counts) / (n * len(counts)))
         for k in ks_for(n):
-            out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in counts]))
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in counts]))
     return out
 
 
@@ -141,8 +159,11 @@ def load_model(path: str, *, step: int | None = None, dtype: str = "float32"):
                      f"{POLICY_HF_DIR}/config.json (a capo_jax training workdir)")
 
 
-def _generate(model, tok, prompts: list[list[int]], params, seed: int, batch_size: int, mesh) -> list[list[str]]:
-    """Decoded responses, `params.n` per prompt, in batches of `batch_size` prompts."""
+def _generate(model, tok, prompts: list[list[int]], params, seed: int, batch_size: int, mesh,
+              first: int = 0) -> list[list[str]]:
+    """Decoded responses, `params.n` per prompt, in batches of `batch_size` prompts. Prompt i samples from keys of
+    (seed, first + i): its index in the whole benchmark, so any split of the items (batches, processes) draws the
+    same responses."""
     from capo_jax.sampling import generate
 
     eos = tok.eos_token_id
@@ -151,7 +172,8 @@ def _generate(model, tok, prompts: list[list[int]], params, seed: int, batch_siz
     stops = set(params.stop_token_ids) | set(np.atleast_1d(model.config.eos_token_id or []).tolist())
     out: list[list[str]] = []
     for b in range(0, len(prompts), batch_size):
-        res = generate(model, prompts[b : b + batch_size], params, seed * 1_000_003 + b, mesh)
+        chunk = prompts[b : b + batch_size]
+        res = generate(model, chunk, params, seed, mesh, prompt_index=range(first + b, first + b + len(chunk)))
         texts = []
         for row, length in zip(res.tokens, res.lengths):
             ids = [int(t) for t in row[: int(length)]]
@@ -203,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
     p.add_argument("--data_parallel", type=int, default=1, help="devices to spread rows over (-1: all; 1: no mesh)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    p.add_argument("--distributed", default="auto", choices=("auto", "on", "off"),
+                   help="join a multi-process job (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a "
+                   "TPU pod's metadata); each process scores its share of the items, process 0 writes the report")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--timeout", type=float, default=10.0, help="per-answer verification deadline, seconds")
     p.add_argument("--output", default="eval_results.json", help="JSON file for the results")
@@ -230,6 +255,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"not given here come from {os.path.join(args.model, 'config.json')}", flush=True)
     from capo_jax.sampling import SamplingParams
 
+    from capo_jax import multihost
+    from capo_jax.config import ConfigError
+    from capo_jax.distributed import initialize
+
+    try:
+        initialize(args.distributed)  # before anything touches a device
+    except ConfigError as exc:
+        raise SystemExit(f"evaluate: {exc}") from None
+    lead = multihost.is_lead()
     t0 = time.perf_counter()
     from capo_jax.checkpoint import CheckpointError
 
@@ -244,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         from capo_jax.parallel import make_mesh
 
-        n = jax.device_count() if args.data_parallel == -1 else args.data_parallel
-        if not 1 <= n <= jax.device_count():
-            raise SystemExit(f"--data_parallel {args.data_parallel}: this host has {jax.device_count()} devices")
-        mesh = make_mesh(data=n, devices=jax.devices()[:n])
+        local = jax.local_devices()  # each process samples its share alone
+        n = len(local) if args.data_parallel == -1 else args.data_parallel
+        if not 1 <= n <= len(local):
+            raise SystemExit(f"--data_parallel {args.data_parallel}: this host has {len(local)} devices")
+        mesh = make_mesh(data=n, devices=local[:n])
     where = args.model if step is None else f"{args.model} (checkpoint step {step})"
     print(f"[evaluate] loaded {where} in {time.perf_counter() - t0:.1f}s", flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -273,15 +308,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         too_long = len(items) - len(kept)
         if not kept:
             raise SystemExit(f"benchmark {bench.name}: every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
+        lo, hi = multihost.share(len(kept))  # this process's items (all of them on one process)
         greedy = samples = None
-        if args.greedy:
+        if args.greedy and hi > lo:
             params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ps.max_new_tokens)
-            greedy = [r[0] for r in _generate(model, tok, prompts, params, args.seed, args.batch_size, mesh)]
-        if args.num_samples > 0:
+            greedy = [r[0] for r in _generate(model, tok, prompts[lo:hi], params, args.seed, args.batch_size, mesh, lo)]
+        elif args.greedy:
+            greedy = []
+        if args.num_samples > 0 and hi > lo:
             params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=ps.max_new_tokens)
-            samples = _generate(model, tok, prompts, params, args.seed + 1, args.batch_size, mesh)
-        r = score_benchmark(bench, kept, greedy, samples, timeout=args.timeout)
+            samples = _generate(model, tok, prompts[lo:hi], params, args.seed + 1, args.batch_size, mesh, lo)
+        elif args.num_samples > 0:
+            samples = []
+        scores = item_scores(bench, kept[lo:hi], greedy, samples, timeout=args.timeout)
+        if multihost.process_count() > 1:  # every process's share, in item order
+            import jax
+
+            shares = multihost.gather_blocks([scores, greedy, samples] if args.save_responses else [scores])
+            scores = {k: ([v for share in shares for v in share[0][k]] if isinstance(v, list) else v)
+                      for k, v in scores.items() if k != "num_samples"}
+            if args.num_samples > 0:
+                scores["num_samples"] = args.num_samples
+            if args.save_responses:
+                greedy = None if greedy is None else [g for share in shares for g in share[1]]
+                samples = None if samples is None else [x for share in shares for x in share[2]]
+            print(f"[evaluate] process {jax.process_index()} scored items {lo}..{hi - 1} of {len(kept)}",
+                  flush=True)
+        r = summarize_scores(bench, scores)
         r.update(domain=bench.domain, skipped_malformed=skipped, skipped_too_long=too_long, template=template,
                  use_chat_template=ps.use_chat_template, max_new_tokens=ps.max_new_tokens, seconds=time.perf_counter() - tb)
         results[bench.name] = r
@@ -292,12 +346,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  **({"samples": samples[i]} if samples is not None else {})}
                 for i, it in enumerate(kept)]
         shown = {k: round(v, 4) for k, v in r.items() if k.startswith(("pass@", "avg@"))}
-        print(f"[evaluate] {bench.name}: {len(kept)} items {shown} ({r['seconds']:.1f}s)", flush=True)
-    print(_table(results))
+        if lead:
+            print(f"[evaluate] {bench.name}: {len(kept)} items {shown} ({r['seconds']:.1f}s)", flush=True)
+    if lead:
+        print(_table(results))
     report = {"model": args.model, "step": step, "settings": vars(args), "results": results}
     if responses:
         report["responses"] = responses
-    if args.output:
+    if args.output and lead:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

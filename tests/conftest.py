@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # the demo's bootstrap cache: one per test session, never the user's ~/.cache/capo_jax
 os.environ["CAPO_JAX_CACHE"] = tempfile.mkdtemp(prefix="capo_jax_test_cache_")
 
+import capo_jax  # noqa: E402,F401  (its XLA:CPU workaround joins XLA_FLAGS before jax starts a backend)
 import jax  # noqa: E402  (must come after the flags above)
 
 jax.config.update("jax_enable_x64", False)

@@ -127,6 +127,39 @@ def make_tiny_checkpoint(folder: str | pathlib.Path, family: str = "qwen2", *, s
     return folder
 
 
+def make_scripted_checkpoint(folder: str | pathlib.Path, answer: str, *, after: str = "\n") -> pathlib.Path:
+    """Save a 1-layer llama (+ byte tokenizer) that, once the prompt ends with `after`, writes `answer` then
+    <|im_end|>, whatever the rest of the prompt: a critic with a known reply for end-to-end tests.
+
+    Attention and MLP write nothing (zero output projections), so each position's logits depend on its own token
+    only: one-hot embeddings, and an lm_head row per transition of the chain `after` -> answer -> <|im_end|>.
+    Each byte of `answer` must appear once (a one-token memory cannot tell repeats apart)."""
+    import torch
+
+    chain = [b for b in after.encode()[-1:]] + list(answer.encode()) + [SPECIAL_TOKENS.index("<|im_end|>") + 256]
+    if len(set(chain[1:])) != len(chain) - 1 or chain[0] in chain[1:]:
+        raise ValueError(f"every byte of {answer!r} (and the last byte of {after!r}) must differ: the model sees one token")
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = 288  # one-hot embeddings need width >= vocab (272); 4 heads of an even size
+    model = make_tiny_model("llama", hidden_size=width, intermediate_size=16, num_hidden_layers=1,
+                            tie_word_embeddings=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+        model.model.embed_tokens.weight.copy_(torch.eye(model.config.vocab_size, width))
+        head = torch.zeros(model.config.vocab_size, width)
+        for a, b in zip(chain, chain[1:]):
+            head[b, a] = 3.0  # the next token's logit is 3 * sqrt(width) (about 50) above every other
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def add_to_hub_cache(folder: str | pathlib.Path, cache: str | pathlib.Path, repo_id: str, *,
                      commit: str = "0123456789abcdef0123456789abcdef01234567", branch: str = "main") -> pathlib.Path:
     """Lay `folder`'s files out as huggingface_hub's cache does after a download of `repo_id`, and return the snapshot.

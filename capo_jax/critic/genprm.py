@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from capo_jax import multihost
 from capo_jax.critic.base import CriticStats, CritiqueRequest
 from capo_jax.critic.prompt import (DEFAULT_OUTCOME_TEMPLATE, DEFAULT_TEMPLATE, PromptTemplate, render_outcome_prompt,
                                     render_prompt)
@@ -296,7 +297,10 @@ class GenPRMCritic:
         params = sampling_params(num_samples, temperature=self.temperature, top_p=self.top_p,
                                  max_new_tokens=self.max_new_tokens, stop_tokens=self.stop_tokens)
         prompt_tokens = generated = 0
-        for lo in range(0, len(keep), self.batch_size):
+        calls = -(-len(keep) // self.batch_size)
+        if multihost.spans_processes(self.mesh):  # every process makes as many (collective) calls, some maybe empty
+            calls = int(multihost.allgather(np.int64(calls)).max())
+        for lo in range(0, calls * self.batch_size, self.batch_size):
             chunk = keep[lo: lo + self.batch_size]
             key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
             result = generate(self.model, [encoded[i] for i in chunk], params, key, mesh=self.mesh, rules=self.rules)

@@ -56,7 +56,7 @@ def summarize(pairs: dict[str, list]) -> dict[str, float]:
 
 def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_problems: int, samples: int,
                    temperature: float, max_new_tokens: int, greedy: bool = True, seed: int = 0,
-                   template: str = DEFAULT_TEMPLATE, mesh: Any = None) -> dict[str, float]:
+                   template: str = DEFAULT_TEMPLATE, mesh: Any = None, rules: Any = None) -> dict[str, float]:
     """Score `model` on the world's first `num_problems` held-out problems: `samples` responses each at
     `temperature` (keys `sampled_*`) and, with `greedy`, one greedy response each (keys `greedy_*`).
 
@@ -80,7 +80,8 @@ def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_pr
         runs.append(("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens), 1))
     for name, params, n in runs:
         if prompts or multihost.spans_processes(mesh):  # a mesh over processes: every process takes part in each call
-            texts = generate_text(model, tokenizer, prompts, params, seed, mesh, prompt_index=range(lo, hi)).texts
+            texts = generate_text(model, tokenizer, prompts, params, seed, mesh, rules=rules,
+                                  prompt_index=range(lo, hi)).texts
         else:
             texts = []
         pieces = multihost.gather_blocks(pair_scores(mine, texts, n), mesh)

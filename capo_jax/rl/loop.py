@@ -404,6 +404,9 @@ class Run:
         # rollouts read a compute-dtype copy of the policy in the inference layout, refreshed once per step
         self.rollout_copy = InferenceCopy(self.model, self.mesh, RULES[m.rollout_rules]())
         self.critic = make_critic(models)
+        if multihost.process_count() > 1:
+            self._log(f"[train] process {jax.process_index()} of {jax.process_count()}: {_placement('policy', self.mesh)}"
+                      + (f", {_placement('critic', self.critic.mesh)}" if getattr(self.critic, "mesh", None) is not None else ""))
         self.stops = stop_ids(self.tokenizer, self.model.config)
 
         from capo_jax.data import build_source
@@ -577,11 +580,11 @@ class Run:
 
         ev = cfg.eval
         temperature = float(cfg.rollout.temperature) if float(ev.temperature) < 0 else float(ev.temperature)
-        out = evaluate_world(self.model, self.tokenizer, ArithmeticWorld(cfg.data.world.to_dict()),
+        out = evaluate_world(self.rollout_copy.refresh(self.model), self.tokenizer, ArithmeticWorld(cfg.data.world.to_dict()),
                              num_problems=int(ev.num_problems), samples=int(ev.samples), temperature=temperature,
                              max_new_tokens=int(ev.max_new_tokens) or int(cfg.rollout.max_new_tokens),
                              greedy=bool(ev.greedy), seed=int(cfg.seed), template=cfg.data.template or DEFAULT_TEMPLATE,
-                             mesh=self.mesh)
+                             mesh=self.mesh, rules=self.rollout_copy.rules)
         return {f"eval/{k}": v for k, v in out.items()}
 
     # -- the loop
@@ -605,16 +608,18 @@ class Run:
         try:
             if self.step >= total:
                 self._log(f"[train] already at step {self.step} of {total}: nothing to do")
-            elif self.step == 0 and int(cfg.eval.every) > 0:  # the starting policy's level, the reference for every eval
-                self.writer.write(0, self.evaluate())
+            elif self.step == 0 and int(cfg.eval.every) > 0 and (first := self.evaluate()):
+                self.writer.write(0, first)  # the starting policy's level, the reference for every eval
             # every process leaves at the same step: a SIGTERM to any of them stops all (one small gather per step)
             while self.step < stop_at and not (stop := multihost.any_process(self._stop_signal)):
                 metrics = self.train_step()
                 skipped = metrics.get("train/skipped_updates", 0.0) > 0
                 bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+                evaluated = {}
                 if int(cfg.eval.every) > 0 and (self.step % int(cfg.eval.every) == 0 or self.step == total):
-                    metrics.update(self.evaluate())
-                if self.step % int(lg.every) == 0 or self.step == stop_at or skipped:
+                    evaluated = self.evaluate()
+                    metrics.update(evaluated)
+                if self.step % int(lg.every) == 0 or self.step == stop_at or skipped or evaluated:  # eval rows always
                     self.writer.write(self.step, metrics)
                 if skipped:
                     self._log(f"[train] step {self.step}: {int(metrics['train/skipped_updates'])} update(s) skipped "
@@ -660,6 +665,16 @@ class Run:
                 self._log(f"[train] curves plotted: {plot_run(self.workdir)}")
             except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
                 self._log(f"[train] could not plot the curves ({exc})")
+
+
+def _placement(role: str, mesh: Any) -> str:
+    """`policy on 2 devices (1 per process: 0, 1)`: where a role's mesh lives across processes."""
+    per: dict[int, int] = {}
+    for d in mesh.devices.flat:
+        per[d.process_index] = per.get(d.process_index, 0) + 1
+    counts = sorted(set(per.values()))
+    each = f"{counts[0]} per process" if len(counts) == 1 else "unequal numbers per process"
+    return f"{role} on {mesh.devices.size} devices ({each}: processes {_ranges(sorted(per))})"
 
 
 def _ranges(values: Sequence[int]) -> str:
