@@ -139,7 +139,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.critic.vote = "intersection"  # intersection | majority | union | average (spec section 5)
     c.critic.include_reference = True  # show the reference answer to the critic
     c.critic.dtype = "bfloat16"  # critic weights and compute dtype (it is frozen)
-    c.critic.devices = ""  # "" = share the policy's devices; or its own slice: "last:4", "first:2", "4,5,6,7" (policy gets the rest)
+    c.critic.devices = ""  # "" = share the policy's devices; or its own: "last:4", "first:2", "4,5,6,7" (policy gets the rest; with several processes, picked within each process's devices)
     c.critic.mesh = ml_collections.ConfigDict()  # the critic's own mesh over its devices (critic.devices, or all when shared)
     c.critic.mesh.data = -1  # critic data-parallel axis size (-1 fills the critic's devices)
     c.critic.mesh.fsdp = 1  # critic fsdp axis size (the inference rules replicate weights over it, like data)
@@ -385,13 +385,17 @@ def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> i
     return d * f
 
 
+def uses_llm_critic(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run loads a GenPRM critic model (a critic-using reward mode with the genprm backend)."""
+    return config.critic.backend == "genprm" and config.reward.mode != "grpo"
+
+
 def role_devices(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> tuple[list, list | None]:
     """Split the devices between the policy and the critic: (policy's, critic's or None when shared)."""
     from capo_jax.critic.genprm import select_devices
 
     devices = list(devices)
-    uses_llm_critic = config.critic.backend == "genprm" and config.reward.mode != "grpo"
-    critic = select_devices(config.critic.devices, devices) if uses_llm_critic else None
+    critic = select_devices(config.critic.devices, devices) if uses_llm_critic(config) else None
     if critic is None:
         return devices, None
     policy = [d for d in devices if d not in critic]
@@ -480,7 +484,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         except ValueError as exc:
             raise ConfigError(f"{exc}") from None
         policy_devices = len(policy_list)
-        if config.critic.backend == "genprm" and config.reward.mode != "grpo":
+        if uses_llm_critic(config):
             mesh_shape(config, len(critic_list) if critic_list else num_devices, "critic.mesh", "critic")
         dp = data_parallel_size(config, policy_devices)
         if micro % dp:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import ml_collections
 
-from capo_jax.config import ConfigError
+from capo_jax.config import ConfigError, uses_llm_critic
 
 # The files a model needs here: weights, configs, tokenizer (no PyTorch .bin, no ONNX, no README images).
 ALLOW_PATTERNS = (
@@ -122,7 +122,7 @@ def _first_line(exc: BaseException) -> str:
 def model_roles(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The sections whose `path` this run loads: the policy, the GenPRM critic and the KL reference when used."""
     roles = ["policy"]
-    if config.critic.backend == "genprm" and config.reward.mode != "grpo":
+    if uses_llm_critic(config):
         roles.append("critic")
     if float(config.rl.kl_coef) > 0:
         roles.append("reference")

@@ -95,6 +95,10 @@ def inference_rules() -> Rules:
     )
 
 
+# The rule sets a config names (mesh.policy_rules, mesh.rollout_rules, ...): name -> a function returning them.
+RULES = {"policy": policy_rules, "inference": inference_rules}
+
+
 def _as_tuple(axes: Any) -> tuple[str, ...]:
     if axes is None:
         return ()

@@ -137,7 +137,7 @@ def test_shipped_72b_critic_fits_its_slice():
     decode = next(p for p in progs if p.name == "critic decode")
     assert {c.kind for c in decode.analysis.collectives} == {"all-reduce"}
     full_critic = shapes.model_config(config.critic.model_id, dtype="bfloat16", param_dtype="bfloat16")
-    rules = programs.RULES[config.mesh.critic_rules]()
+    rules = parallel.RULES[config.mesh.critic_rules]()
     full_copy = InferenceCopy(programs.abstract_model(full_critic), roles.critic_mesh, rules)
     weights = programs.device_bytes(nnx.state(full_copy.abstract()))
     cache = res.kv_cache * full_critic.num_layers / roles.critic.num_layers

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,  # sampling temperature of the critiques (M samples should differ)
     "top_p": 1.0,  # nucleus sampling threshold (1.0 = off)
     "batch_size": 8,  # requests prefilled together per generate call (x M sampled rows)
-    "devices": "",  # "" = the policy's devices; or device indices "0,1" / [0, 1] / "first:4" / "last:4"
+    "devices": "",  # "" = the policy's devices; or device indices "0,1" / [0, 1] / "first:4" / "last:4" (per process)
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # the critic's own mesh over its devices (-1 fills)
     "index_base": 0,  # number of the first step in the rendered prompt and in the verdicts
     "template": "default",  # critic prompt template name: a key of genprm.TEMPLATES

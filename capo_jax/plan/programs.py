@@ -22,7 +22,6 @@ from capo_jax.models import Transformer
 from capo_jax.models.config import ModelConfig
 from capo_jax.plan import analytic, hlo, shapes, topology
 
-RULES = {"policy": parallel.policy_rules, "inference": parallel.inference_rules}
 
 
 @dataclasses.dataclass
@@ -43,10 +42,6 @@ class Roles:
         return topology.device_limits(self.slice, len(self.devices))
 
 
-def uses_llm_critic(config: ml_collections.ConfigDict) -> bool:
-    return config.critic.backend == "genprm" and config.reward.mode != "grpo"
-
-
 def build_roles(config: ml_collections.ConfigDict, slice_name: str, *, layers: int | None = None,
                 critic_layers: int | None = None) -> Roles:
     """Devices, meshes and model shapes of a config on a named slice (`layers` shrinks the policy's depth,
@@ -64,7 +59,7 @@ def build_roles(config: ml_collections.ConfigDict, slice_name: str, *, layers: i
                                  dtype=config.optim.compute_dtype, param_dtype=config.policy.param_dtype,
                                  remat=bool(config.policy.remat), **depth)
     critic = mesh_c = None
-    if uses_llm_critic(config):
+    if config_lib.uses_llm_critic(config):
         depth = {} if critic_layers is None else {"num_layers": int(critic_layers)}
         critic = shapes.model_config(shapes.role_source(config.critic.path, config.critic.model_id, "critic"),
                                      dtype=config.critic.dtype, param_dtype=config.critic.dtype, **depth)
@@ -184,8 +179,8 @@ def train_program(roles: Roles) -> tuple[Any, dict, Resident, tuple]:
     reference = None
     if opts.kl_coef > 0:
         reference = abstract_model(roles.policy.replace(dtype=c.reference.dtype, param_dtype=c.reference.dtype))
-    program = build_train_program(policy, opts, optimizer, roles.policy_mesh, rules=RULES[c.mesh.policy_rules](),
-                                  reference=reference, reference_rules=RULES[c.mesh.reference_rules]())
+    program = build_train_program(policy, opts, optimizer, roles.policy_mesh, rules=parallel.RULES[c.mesh.policy_rules](),
+                                  reference=reference, reference_rules=parallel.RULES[c.mesh.reference_rules]())
     rows = int(c.rollout.prompts_per_step) * int(c.rollout.group_size)
     batch = abstract_batch(rows, int(c.rollout.max_prompt_len), int(c.rollout.max_new_tokens),
                            int(c.critic.num_critiques), int(c.reward.max_steps))
@@ -258,8 +253,8 @@ def compile_rollout(roles: Roles, log: Callable[[str], None] = print) -> tuple[l
     c = roles.config
     pad = roles.policy.pad_token_id if roles.policy.pad_token_id is not None else 0
     params = rollout_params(c, pad)
-    source = placed_state(abstract_model(roles.policy), roles.policy_mesh, RULES[c.mesh.policy_rules]())
-    programs, weights, cache = _generation(roles, roles.policy, roles.policy_mesh, RULES[c.mesh.rollout_rules](),
+    source = placed_state(abstract_model(roles.policy), roles.policy_mesh, parallel.RULES[c.mesh.policy_rules]())
+    programs, weights, cache = _generation(roles, roles.policy, roles.policy_mesh, parallel.RULES[c.mesh.rollout_rules](),
                                            params, int(c.rollout.prompts_per_step), int(c.rollout.max_prompt_len),
                                            "policy", "rollout", log, source_state=source)
     return programs, Resident(rollout_copy=weights, kv_cache=cache)
@@ -269,7 +264,7 @@ def critic_resident(roles: Roles) -> Resident:
     """The critic's weights per device as the runtime holds them (its inference copy), without compiling."""
     from capo_jax.sampling import InferenceCopy
 
-    copy = InferenceCopy(abstract_model(roles.critic), roles.critic_mesh, RULES[roles.config.mesh.critic_rules]())
+    copy = InferenceCopy(abstract_model(roles.critic), roles.critic_mesh, parallel.RULES[roles.config.mesh.critic_rules]())
     return Resident(params=device_bytes(nnx.state(copy.abstract())))
 
 
@@ -282,7 +277,7 @@ def compile_critic(roles: Roles, log: Callable[[str], None] = print,
     c = roles.config
     params = sampling_params(int(c.critic.num_critiques), temperature=float(c.critic.temperature),
                              top_p=float(c.critic.top_p), max_new_tokens=int(c.critic.max_new_tokens))
-    programs, weights, cache = _generation(roles, roles.critic, roles.critic_mesh, RULES[c.mesh.critic_rules](),
+    programs, weights, cache = _generation(roles, roles.critic, roles.critic_mesh, parallel.RULES[c.mesh.critic_rules](),
                                            params, int(c.critic.batch_size), int(c.critic.max_prompt_tokens),
                                            "critic", "critic", log, parts=parts)
     return programs, Resident(params=weights, kv_cache=cache)

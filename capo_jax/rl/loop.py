@@ -29,7 +29,6 @@ from capo_jax.rl.train_step import PolicyTrainer, StepOptions, make_optimizer
 
 log = logging.getLogger("capo_jax.train")
 
-RULES = {"policy": parallel.policy_rules, "inference": parallel.inference_rules}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def make_critic(config: ml_collections.ConfigDict, *, mesh: Any = None):
             from capo_jax.critic.genprm import GenPRMCritic
         except ImportError as exc:
             raise ValueError(f"critic.backend='genprm' needs capo_jax.critic.genprm, which failed to import: {exc}") from exc
-        return GenPRMCritic.from_config(config.critic, mesh=mesh, rules=RULES[config.mesh.critic_rules]())
+        return GenPRMCritic.from_config(config.critic, mesh=mesh, rules=parallel.RULES[config.mesh.critic_rules]())
     raise ValueError(f"critic.backend={backend!r}: use 'genprm' or 'rule'")
 
 
@@ -387,22 +386,22 @@ class Run:
 
         compute = config.optim.compute_dtype
         self.model = from_pretrained(self.policy_path, dtype=compute, param_dtype=config.policy.param_dtype,
-                                     mesh=self.mesh, rules=RULES[m.policy_rules](), remat=bool(config.policy.remat))
+                                     mesh=self.mesh, rules=parallel.RULES[m.policy_rules](), remat=bool(config.policy.remat))
         reference = None
         if float(config.rl.kl_coef) > 0:
             ref_path = models.reference.path or self.policy_path
             reference = from_pretrained(ref_path, dtype=config.reference.dtype, param_dtype=config.reference.dtype,
-                                        mesh=self.mesh, rules=RULES[m.reference_rules]())
+                                        mesh=self.mesh, rules=parallel.RULES[m.reference_rules]())
         self.opts = StepOptions.from_config(config)
         total_updates = int(config.total_steps) * self.opts.updates_per_step
         optimizer, self.schedule = make_optimizer(config.optim, total_updates)
-        self.trainer = PolicyTrainer(self.model, self.opts, optimizer, self.mesh, rules=RULES[m.policy_rules](),
-                                     reference=reference, reference_rules=RULES[m.reference_rules]())
+        self.trainer = PolicyTrainer(self.model, self.opts, optimizer, self.mesh, rules=parallel.RULES[m.policy_rules](),
+                                     reference=reference, reference_rules=parallel.RULES[m.reference_rules]())
         del reference  # the trainer keeps the reference's parameters only
         from capo_jax.sampling import InferenceCopy
 
         # rollouts read a compute-dtype copy of the policy in the inference layout, refreshed once per step
-        self.rollout_copy = InferenceCopy(self.model, self.mesh, RULES[m.rollout_rules]())
+        self.rollout_copy = InferenceCopy(self.model, self.mesh, parallel.RULES[m.rollout_rules]())
         self.critic = make_critic(models)
         if multihost.process_count() > 1:
             self._log(f"[train] process {jax.process_index()} of {jax.process_count()}: {_placement('policy', self.mesh)}"
