@@ -177,6 +177,24 @@ def test_select_devices_specs_and_errors():
             select_devices(bad)
 
 
+def test_select_devices_picks_within_each_process():
+    """On several processes (a pod: 4 hosts x 4 chips) the option names devices of each host, so the critic's mesh
+    spans every host as the policy's does."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Slot:
+        id: int
+        process_index: int
+
+    pod = [Slot(i, i // 4) for i in range(16)]
+    assert [d.id for d in select_devices("last:1", pod)] == [3, 7, 11, 15]
+    assert [d.id for d in select_devices("first:2", pod)] == [0, 1, 4, 5, 8, 9, 12, 13]
+    assert [d.id for d in select_devices("0,3", pod)] == [0, 3, 4, 7, 8, 11, 12, 15]
+    with pytest.raises(ValueError, match="picks within each process's 4 devices"):
+        select_devices("last:8", pod)
+
+
 def test_bad_settings_raise_clear_errors(folder):
     with pytest.raises(ValueError, match="critic.path"):
         GenPRMCritic.from_config(_config(folder / "missing"))

@@ -79,7 +79,7 @@ LEARNING_RATE, COMPUTE_DTYPE = 1e-3, "float32"
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    train_cell = [c for c in nb.cells if c.cell_type == "code" and "run.train_step()" in c.source][0]
+    train_cell = [c for c in nb.cells if c.cell_type == "code" and "run.train(" in c.source][0]
     assert any("image/png" in o.get("data", {}) for o in train_cell.outputs), "no live plot"
     assert "step 2/2" in "".join(o.get("text", "") for o in train_cell.outputs)
 

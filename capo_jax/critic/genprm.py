@@ -63,7 +63,11 @@ def select_devices(spec: Any, devices: Sequence[jax.Device] | None = None) -> li
     if len(processes) > 1:
         if len({len(v) for v in processes.values()}) > 1:
             raise ValueError(f"critic.devices={spec!r}: the processes have different numbers of devices")
-        picked = [_select_one_process(spec, local) for local in processes.values()]
+        try:
+            picked = [_select_one_process(spec, local) for local in processes.values()]
+        except ValueError as exc:
+            raise ValueError(f"{exc} (with {len(processes)} processes, it picks within each process's "
+                             f"{len(next(iter(processes.values())))} devices)") from None
         return None if picked[0] is None else [d for p in picked for d in p]
     return _select_one_process(spec, devices)
 

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -588,8 +588,9 @@ class Run:
 
     # -- the loop
 
-    def train(self) -> int:
-        """Run to total_steps (or stop_after_steps, or SIGTERM); returns the last finished step."""
+    def train(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> int:
+        """Run to total_steps (or stop_after_steps, or SIGTERM); returns the last finished step. `on_step(step,
+        metrics)` runs after each step's metrics are written, on every process (a notebook's live plot)."""
         cfg = self.config
         self._hold_lock()
         total = int(cfg.total_steps)
@@ -620,6 +621,8 @@ class Run:
                     metrics.update(evaluated)
                 if self.step % int(lg.every) == 0 or self.step == stop_at or skipped or evaluated:  # eval rows always
                     self.writer.write(self.step, metrics)
+                if on_step is not None:
+                    on_step(self.step, metrics)
                 if skipped:
                     self._log(f"[train] step {self.step}: {int(metrics['train/skipped_updates'])} update(s) skipped "
                               f"(non-finite loss, gradient or update); {bad_in_a_row} step(s) in a row")
