@@ -309,30 +309,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not kept:
             raise SystemExit(f"benchmark {bench.name}: every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
         lo, hi = multihost.share(len(kept))  # this process's items (all of them on one process)
-        greedy = samples = None
-        if args.greedy and hi > lo:
+        greedy = samples = None  # this share's responses (an empty share: none)
+        if args.greedy:
             params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ps.max_new_tokens)
             greedy = [r[0] for r in _generate(model, tok, prompts[lo:hi], params, args.seed, args.batch_size, mesh, lo)]
-        elif args.greedy:
-            greedy = []
-        if args.num_samples > 0 and hi > lo:
+        if args.num_samples > 0:
             params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                                     max_new_tokens=ps.max_new_tokens)
             samples = _generate(model, tok, prompts[lo:hi], params, args.seed + 1, args.batch_size, mesh, lo)
-        elif args.num_samples > 0:
-            samples = []
         scores = item_scores(bench, kept[lo:hi], greedy, samples, timeout=args.timeout)
         if multihost.process_count() > 1:  # every process's share, in item order
             import jax
 
-            shares = multihost.gather_blocks([scores, greedy, samples] if args.save_responses else [scores])
-            scores = {k: ([v for share in shares for v in share[0][k]] if isinstance(v, list) else v)
-                      for k, v in scores.items() if k != "num_samples"}
-            if args.num_samples > 0:
-                scores["num_samples"] = args.num_samples
+            lists = {k: v for k, v in scores.items() if isinstance(v, list)}
             if args.save_responses:
-                greedy = None if greedy is None else [g for share in shares for g in share[1]]
-                samples = None if samples is None else [x for share in shares for x in share[2]]
+                lists.update(greedy_texts=greedy or [], sample_texts=samples or [])
+            joined = multihost.gather_lists(lists)
+            scores.update({k: joined[k] for k in scores if k in joined})
+            if samples is not None:
+                scores["num_samples"] = args.num_samples  # an empty share could not tell
+            if args.save_responses:
+                greedy = None if greedy is None else joined["greedy_texts"]
+                samples = None if samples is None else joined["sample_texts"]
             print(f"[evaluate] process {jax.process_index()} scored items {lo}..{hi - 1} of {len(kept)}",
                   flush=True)
         r = summarize_scores(bench, scores)

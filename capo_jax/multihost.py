@@ -192,6 +192,12 @@ def gather_blocks(obj: Any, mesh: Mesh | None = None) -> list[Any]:
     return [got[b] for b in sorted(got)]
 
 
+def gather_lists(values: dict[str, list], mesh: Mesh | None = None) -> dict[str, list]:
+    """Each key's list joined over the blocks in block order (see `share`): per-item results of a split, whole."""
+    pieces = gather_blocks(values, mesh)
+    return {k: [v for piece in pieces for v in piece[k]] for k in values}
+
+
 _BARRIERS = itertools.count()
 
 

@@ -84,7 +84,6 @@ def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_pr
                                   prompt_index=range(lo, hi)).texts
         else:
             texts = []
-        pieces = multihost.gather_blocks(pair_scores(mine, texts, n), mesh)
-        pairs = {k: [v for piece in pieces for v in piece[k]] for k in ("correct", "step_errors", "flawed")}
+        pairs = multihost.gather_lists(pair_scores(mine, texts, n), mesh)
         out.update({f"{name}_{k}": float(v) for k, v in summarize(pairs).items()})
     return out

@@ -193,7 +193,7 @@ def memory_table(phases: list[PhaseMemory]) -> list[str]:
         lines.append(f"  {n:26}" + "".join(f"{_gib(ph.parts[n]) if n in ph.parts else '-':>16}" for ph in phases))
     lines.append(f"  {'total':26}" + "".join(f"{_gib(ph.total):>16}" for ph in phases))
     lines.append(f"  {'HBM':26}" + "".join(f"{_gib(ph.hbm):>16}" for ph in phases))
-    lines.append(f"  {'spare (target 10%)':26}" + "".join(f"{ph.spare:>16.0%}" for ph in phases))
+    lines.append(f"  {f'spare (target {SPARE_TARGET:.0%})':26}" + "".join(f"{ph.spare:>16.0%}" for ph in phases))
     lines.append(f"  {'program':26}" + "".join(f"{ph.program:>16}" for ph in phases))
     verdict = ["fits" if ph.fits and ph.spare >= SPARE_TARGET else "tight" if ph.fits else "DOES NOT FIT"
                for ph in phases]
