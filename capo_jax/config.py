@@ -514,8 +514,7 @@ def _validate_paths(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"policy.path={config.policy.path!r} does not exist: point --config.policy.path at a Hugging Face model folder or hub id (owner/name)")
     if config.rl.kl_coef > 0 and config.reference.path and not _exists(config.reference.path):
         raise ConfigError(f"reference.path={config.reference.path!r} does not exist: fix it or set --config.reference.path='' to use the policy's checkpoint")
-    needs_critic = config.reward.mode in ("capo", "genorm")
-    if needs_critic and config.critic.backend == "genprm":
+    if uses_llm_critic(config):  # reward.mode is one of REWARD_MODES by now
         if not config.critic.path:
             raise ConfigError("critic.path is not set: pass --config.critic.path=/path/to/instruct_model "
                               "(the paper uses a 70B-class instruct model, e.g. Qwen2.5-72B-Instruct)")
