@@ -12,6 +12,7 @@ falls back to the newest one that restores and moves the broken ones aside (neve
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -65,6 +66,21 @@ def _late_callback_noise(unraisable: Any) -> bool:
             and tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py")))
 
 
+_FAILED_PATHS: set[str] = set()  # step directories whose restore failed in this process (see _UnretrievedReadNoise)
+
+
+class _UnretrievedReadNoise(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of reads from a checkpoint whose restore already failed
+    and was reported in one line: orbax leaves its other pending reads unawaited, and each would print a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        first_line = str(record.msg).split("\n", 1)[0]
+        if exc is None or not first_line.endswith("exception was never retrieved"):
+            return True
+        return not any(os.path.join(path, "") in str(exc) for path in _FAILED_PATHS)
+
+
 def _silence_late_callbacks() -> None:
     """Drop `_late_callback_noise` from sys.unraisablehook (once per process; everything else still reaches the old
     hook), and the warning about orbax's array reads that a failed restore leaves never awaited."""
@@ -80,6 +96,7 @@ def _silence_late_callbacks() -> None:
 
     hook._capo_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_UnretrievedReadNoise())
 
 
 def _abstract(tree: Any) -> Any:
@@ -145,6 +162,7 @@ class Checkpointer:
             if not isinstance(out["meta"], dict):
                 raise ValueError(f"meta is {type(out['meta']).__name__}, not a JSON object")
         except Exception as exc:  # noqa: BLE001 - orbax/TensorStore raise many types; each means "does not restore"
+            _FAILED_PATHS.add(self.step_path(step))
             raise CheckpointError(step, self.step_path(step), failure_reason(exc)) from exc
         if opt_state_like is not None:  # orbax returns namedtuples as tuples: put back optax's own node types
             out["opt_state"] = jax.tree.unflatten(jax.tree.structure(opt_state_like), jax.tree.leaves(out["opt_state"]))
