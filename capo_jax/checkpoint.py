@@ -193,11 +193,15 @@ class Checkpointer:
         """
         log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         failed: list[CheckpointError] = []
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in self._steps_everywhere():
+            error = None
             try:
                 out = self._restore_checked(step, params_like, opt_state_like, check)
-            except CheckpointError as exc:
-                failed.append(exc)
+            except (CheckpointError, FileNotFoundError) as exc:
+                error = exc if isinstance(exc, CheckpointError) else CheckpointError(step, self.step_path(step), str(exc))
+            error = self._agreed(step, error)
+            if error is not None:
+                failed.append(error)
                 continue
             for exc in failed:
                 moved = f"; moved aside to {self.move_aside(exc.step)}" if move_aside and jax.process_index() == 0 else ""
@@ -216,6 +220,30 @@ class Checkpointer:
             raise CheckpointError(newest.step, newest.path, f"{newest.reason}{others}; if the config changed, use a new "
                                   f"workdir, else move the broken checkpoints out of {self.directory}")
         return None
+
+    def _steps_everywhere(self) -> list[int]:
+        """The steps to try, newest first: process 0's listing on every process (a lagging file system view elsewhere
+        then fails that step on the lagging process, and `_agreed` fails it everywhere)."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if jax.process_count() == 1:
+            return steps
+        from capo_jax.multihost import allgather_objects
+
+        return allgather_objects(steps)[0]
+
+    def _agreed(self, step: int, error: CheckpointError | None) -> CheckpointError | None:
+        """This step's failure as every process sees it: a step that failed on any process failed on all, so that
+        they all resume from the same step (one process going on from an older one would hang the next collective)."""
+        if jax.process_count() == 1:
+            return error
+        from capo_jax.multihost import allgather_objects
+
+        reasons = allgather_objects(None if error is None else error.reason)
+        if error is None:
+            bad = [(i, r) for i, r in enumerate(reasons) if r is not None]
+            if bad:
+                return CheckpointError(step, self.step_path(step), f"on process {bad[0][0]}: {bad[0][1]}")
+        return error
 
     def _restore_checked(self, step: int, params_like: Any, opt_state_like: Any | None,
                          check: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:

@@ -174,3 +174,65 @@ def test_two_processes_evaluate_their_shares_into_one_report(tmp_path):
     assert two["results"] == one["results"]
     assert two["responses"] == one["responses"]  # the same texts: keys follow each item's index, not its process
     assert len({s for item in one["responses"]["arithmetic"] for s in item["samples"]}) > 7  # varied random texts
+
+
+RESTORE_WORKER = '''
+import json, sys
+import jax, numpy as np, optax
+from jax.sharding import Mesh
+from capo_jax.distributed import initialize
+initialize("on")
+from capo_jax import checkpoint as ckpt_lib
+from capo_jax.multihost import replicated
+
+mesh = Mesh(np.array(jax.devices()), ("data",))
+like = {"w": replicated(mesh, np.zeros(6, np.float32))}
+opt_like = jax.tree.map(lambda x: replicated(mesh, np.asarray(x)), optax.adam(1e-3).init({"w": np.zeros(6, np.float32)}))
+ck = ckpt_lib.Checkpointer(sys.argv[1], keep=5, async_save=False)
+for step in (1, 2):
+    ck.save(step, {"w": replicated(mesh, np.full(6, step, np.float32))}, opt_like, {"step": step})
+ck.wait()
+
+def check(items):  # process 1 alone cannot use step 2 (as when its view of the file system lags)
+    if jax.process_index() == 1 and items["meta"]["step"] == 2:
+        raise ValueError("unreadable here")
+
+lines = []
+got = ck.restore_newest(like, opt_like, check=check, log=lines.append)
+ck.close()
+print("RESULT " + json.dumps({"step": got["step"], "w": np.asarray(got["params"]["w"].addressable_data(0)).tolist(),
+                              "lines": lines}))
+'''
+
+
+def test_processes_resume_from_the_step_that_restores_on_all_of_them(tmp_path):
+    """A checkpoint that restores on process 0 but not on process 1 counts as broken on both: they resume from the
+    same older step (each going on from its own would hang the next collective), and process 0 moves it aside."""
+    script = tmp_path / "restore_worker.py"
+    script.write_text(RESTORE_WORKER)
+    work = str(tmp_path / "w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "TPU_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, str(script), work], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        (line,) = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        results.append(json.loads(line[len("RESULT "):]))
+    assert [r["step"] for r in results] == [1, 1] and [r["w"] for r in results] == [[1.0] * 6] * 2
+    lead, other = (r["lines"] for r in results)
+    assert "checkpoint step 2 at " in lead[0] and "on process 1: ValueError: unreadable here" in lead[0]
+    assert "moved aside to " in lead[0] and "falling back to step 1" in lead[1]
+    assert "ValueError: unreadable here" in other[0] and "moved aside" not in other[0]
+    assert sorted(os.listdir(os.path.join(work, "checkpoints")))[0] == "1"
+    assert any(name.startswith("broken-2-") for name in os.listdir(os.path.join(work, "checkpoints")))
