@@ -209,8 +209,10 @@ def test_trainer_builds_the_genprm_backend_from_the_config_schema(folder):
     from capo_jax.rl.loop import make_critic
 
     config = get_default_config()
-    for key in genprm.DEFAULTS:
+    for key, default in genprm.DEFAULTS.items():  # the schema lists each field with the backend's own default
         assert key in config.critic, f"config schema lacks critic.{key}"
+        value = config.critic[key]
+        assert (value.to_dict() if hasattr(value, "to_dict") else value) == default, (key, value, default)
     config.critic.path = str(folder)
     config.critic.dtype = "float32"
     config.critic.devices = "first:2"
