@@ -184,18 +184,18 @@ def test_same_bucket_and_new_weights_compile_nothing(models):
 
     generate(model, _prompts(4), GREEDY, jax.random.key(0))  # compiles this bucket unless an earlier test did
     sizes = compiled_cache_sizes()
-    old = model.embed.value
+    old = model.embed.get_value()
     new = old * 1.01  # (computed before listening: the eager multiply compiles)
     monitoring.register_event_duration_secs_listener(listener)
     try:
         a = generate(model, _prompts(5, lengths=(10, 2, 16)), GREEDY, jax.random.key(1))
         # updated weights of the live model (as the trainer's policy), new stop ids, 4 prompts (same batch bucket)
-        model.embed.value = new
+        model.embed.set_value(new)
         b = generate(model, _prompts(6, lengths=(5, 5, 5, 11)), dataclasses.replace(GREEDY, stop_token_ids=(3, 7)),
                      jax.random.key(2))
     finally:
         monitoring.unregister_event_duration_listener(listener)
-        model.embed.value = old
+        model.embed.set_value(old)
     assert compiled_cache_sizes() == sizes
     assert compiles == [], f"{len(compiles)} compilations in the same bucket"
     assert a.tokens.shape == (3, MAX_NEW) and b.tokens.shape == (4, MAX_NEW)

@@ -149,7 +149,7 @@ def test_sharding_kl_minibatches_and_no_steady_state_compiles():
     assert tr.params["embed"].sharding.spec == embed_spec
     assert "fsdp" in str(embed_spec) and "tensor" in str(embed_spec)
     # the live model the sampler uses holds the trained weights (same arrays, no copy)
-    assert nnx.state(tr.model, nnx.Param)["embed"].value is tr.params["embed"]
+    assert nnx.state(tr.model, nnx.Param)["embed"].get_value() is tr.params["embed"]
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():
