@@ -83,12 +83,13 @@ class _UnretrievedReadNoise(logging.Filter):
 
 def _silence_late_callbacks() -> None:
     """Drop `_late_callback_noise` from sys.unraisablehook (once per process; everything else still reaches the old
-    hook), and the warning about orbax's array reads that a failed restore leaves never awaited."""
+    hook), and the warnings about orbax's array and metadata reads that a failed restore leaves never awaited."""
     previous = sys.unraisablehook
     if getattr(previous, "_capo_filter", False):
         return
-    warnings.filterwarnings("ignore", message=r"coroutine '_read_array_index_and_device_put' was never awaited",
-                            category=RuntimeWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"coroutine '(_read_array_index_and_device_put|Store\._get_array_metadatas)' "
+                                    r"was never awaited")
 
     def hook(unraisable: Any) -> None:
         if not _late_callback_noise(unraisable):
