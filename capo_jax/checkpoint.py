@@ -97,7 +97,9 @@ def _silence_late_callbacks() -> None:
 
     hook._capo_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_UnretrievedReadNoise())
+    asyncio_log = logging.getLogger("asyncio")  # once, even when someone else replaced the hook since (pytest does)
+    if not any(isinstance(f, _UnretrievedReadNoise) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadNoise())
 
 
 def _abstract(tree: Any) -> Any:
