@@ -23,7 +23,6 @@ from capo_jax.models.config import ModelConfig
 from capo_jax.plan import analytic, hlo, shapes, topology
 
 
-
 @dataclasses.dataclass
 class Roles:
     """Where each role runs on the slice and the shapes it has."""

@@ -30,7 +30,6 @@ from capo_jax.rl.train_step import PolicyTrainer, StepOptions, make_optimizer
 log = logging.getLogger("capo_jax.train")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Roles
 
