@@ -32,15 +32,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(module: str, args: list[str], processes: int, cwd: str, *, sigterm_when=None) -> list[str]:
-    """Run `python -m module args` as `processes` processes sharing 4 CPU devices; return their outputs (asserting
-    each exits 0). `sigterm_when`: a callable polled while they run; once true, process 1 (only) gets a SIGTERM."""
+def _job_env(processes: int, devices_per_process: int) -> dict[str, str]:
+    """The environment of one job's processes on the CPU (each adds its JAX_PROCESS_ID): this environment without
+    the parent's JAX/XLA/TPU settings, with a fresh coordinator port when there are several processes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "TPU_"))}
     # no scheduler flag here: capo_jax sets its XLA:CPU workaround itself on import
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    return env
+
+
+def _launch(module: str, args: list[str], processes: int, cwd: str, *, sigterm_when=None) -> list[str]:
+    """Run `python -m module args` as `processes` processes sharing 4 CPU devices; return their outputs (asserting
+    each exits 0). `sigterm_when`: a callable polled while they run; once true, process 1 (only) gets a SIGTERM."""
+    env = _job_env(processes, 4 // processes)
     logs = [os.path.join(cwd, f"{module.rsplit('.', 1)[-1]}.{time.monotonic_ns()}.p{i}.log") for i in range(processes)]
     procs = []
     for i in range(processes):
@@ -211,10 +218,7 @@ def test_processes_resume_from_the_step_that_restores_on_all_of_them(tmp_path):
     script = tmp_path / "restore_worker.py"
     script.write_text(RESTORE_WORKER)
     work = str(tmp_path / "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    env = _job_env(2, 1)
     procs = [subprocess.Popen([sys.executable, str(script), work], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**env, "JAX_PROCESS_ID": str(i)})
              for i in range(2)]
