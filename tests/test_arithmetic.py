@@ -85,6 +85,36 @@ def test_noisy_solutions_carry_errors_forward():
     assert 0.2 < n_wrong / sum(len(world.problem(i).ops) for i in range(300)) < 0.4
 
 
+def test_stop_short_solutions_box_the_intermediate_result_of_long_problems():
+    from capo_jax.critic.rule import true_wrong_steps
+
+    world = ArithmeticWorld(seed=0)
+    problems = [world.problem(i) for i in range(400)]
+    short = long_ = stopped = 0
+    rng = np.random.default_rng(0)
+    for p in problems:
+        text, wrong = p.noisy_solution(rng, 0.2, 2, stop_short_prob=0.5, stop_short_ops=4)
+        steps = text.split("\n\n")
+        assert true_wrong_steps(steps, p.question) == wrong  # the generator's record is the rule critic's verdict
+        if len(p.ops) < 4:
+            short += 1
+            assert len(steps) == len(p.ops) + 1  # short problems always finish
+            continue
+        long_ += 1
+        if len(steps) == len(p.ops):  # stopped one operation early: every operation but the last, then the box
+            stopped += 1
+            assert len(p.ops) - 1 in wrong
+            assert steps[-1] == f"The answer is \\boxed{{{steps[-2].split(' = ')[1]}}}"
+        else:
+            assert len(steps) == len(p.ops) + 1 and len(p.ops) not in wrong
+    assert short > 100 and long_ > 100
+    assert abs(stopped / long_ - 0.5) < 4 * np.sqrt(0.25 / long_)
+    # problems shorter than stop_short_ops always finish, even when every long one would stop
+    for p in problems[:50]:
+        text, wrong = p.noisy_solution(np.random.default_rng(1), 0.0, 2, stop_short_prob=1.0, stop_short_ops=5)
+        assert text == p.solution and not wrong
+
+
 def test_bad_world_knobs_raise_naming_the_knob():
     with pytest.raises(ValueError, match="unknown arithmetic world knob 'max_opz'"):
         world_config({"max_opz": 3})

@@ -79,7 +79,7 @@ def test_sft_data_is_noisy_at_the_requested_rate():
 
     tok = build_tokenizer()
     world = ArithmeticWorld({"num_test": 10})
-    ids, mask = sft_data(world, tok, 400, {**SFT_DEFAULTS, "noise_prob": 0.25}, seed=0)
+    ids, mask = sft_data(world, tok, 400, {**SFT_DEFAULTS, "noise_prob": 0.25, "stop_short_prob": 0.0}, seed=0)
     wrong = steps = 0
     for row, m in zip(ids, mask):
         completion = tok.decode(row[m > 0], skip_special_tokens=True)
@@ -89,6 +89,31 @@ def test_sft_data_is_noisy_at_the_requested_rate():
         steps += len(parts) - 1
         assert row[m > 0][-1] == tok.eos_token_id and row[0] == tok.bos_token_id
     assert abs(wrong / steps - 0.25) < 4 * np.sqrt(0.25 * 0.75 / steps)
+
+
+def test_sft_data_stops_long_solutions_short_at_the_requested_rate():
+    from capo_jax.critic.rule import true_wrong_steps
+    from capo_jax.data.arithmetic import ArithmeticWorld
+    from capo_jax.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    world = ArithmeticWorld({"num_test": 10})
+    sft = {**SFT_DEFAULTS, "noise_prob": 0.0, "stop_short_prob": 0.6, "stop_short_ops": 4}
+    ids, mask = sft_data(world, tok, 600, sft, seed=0)
+    long_ = stopped = 0
+    for row, m in zip(ids, mask):
+        question = tok.decode(row[(m == 0) & (row != tok.pad_token_id)], skip_special_tokens=True).strip()
+        parts = tok.decode(row[m > 0], skip_special_tokens=True).split("\n\n")
+        n_ops = question.count(" + ") + question.count(" - ") + question.count(" * ")
+        wrong = true_wrong_steps(parts, question)
+        if n_ops < 4:
+            assert not wrong and len(parts) == n_ops + 1
+            continue
+        long_ += 1
+        stopped += len(parts) == n_ops
+        assert wrong == ({n_ops - 1} if len(parts) == n_ops else set())  # the premature box is the one wrong step
+    assert long_ > 100
+    assert abs(stopped / long_ - 0.6) < 4 * np.sqrt(0.24 / long_)
 
 
 def test_bad_settings_raise(tmp_path):

@@ -75,11 +75,15 @@ class Problem:
         steps.append(f"{ANSWER_PREFIX}\\boxed{{{v}}}")
         return STEP_DELIMITER.join(steps)
 
-    def noisy_solution(self, rng: np.random.Generator, noise_prob: float, noise_max: int) -> tuple[str, frozenset[int]]:
+    def noisy_solution(self, rng: np.random.Generator, noise_prob: float, noise_max: int, stop_short_prob: float = 0.0,
+                       stop_short_ops: int = 4) -> tuple[str, frozenset[int]]:
         """A solution whose step results are off by 1..noise_max with probability noise_prob each.
 
         Later steps compute correctly from the written (possibly wrong) earlier result, like a
-        weak model would; returns the text and the set of steps whose own arithmetic is wrong.
+        weak model would. With probability stop_short_prob, a problem of at least stop_short_ops
+        operations stops one operation early and boxes that intermediate result (a premature
+        answer). Returns the text and the set of wrong steps: those whose own arithmetic is wrong,
+        and the boxed step when it comes too early.
         """
         written, wrong, v = [], set(), self.start
         for i, (op, b) in enumerate(self.ops):
@@ -92,6 +96,9 @@ class Problem:
                     wrong.add(i)
             written.append(r)
             v = r
+        if stop_short_prob > 0 and len(self.ops) >= stop_short_ops and rng.random() < stop_short_prob:
+            k = len(self.ops) - 1  # the boxed step takes the place of the last operation
+            return Problem(self.start, self.ops[:k]).solution_with(written[:k]), frozenset({i for i in wrong if i < k} | {k})
         return self.solution_with(written), frozenset(wrong)
 
 

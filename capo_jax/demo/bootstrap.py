@@ -1,11 +1,12 @@
 """Bootstrap the demo's tiny policy: build the tokenizer, train from scratch on noisy solutions, save an HF folder.
 
-The supervised phase shows the model solutions whose step results are off by a little with a set
-probability per step (later steps carry the error on). The model learns the procedure and the
-arithmetic, so its greedy answers are mostly right, but it also learns to slip: sampled at the rollout
-temperature it makes step errors at about the noise rate, the regime RL is for, and errors that CAPO's
-step credit can point at. Finished bootstraps are cached by the hash of their settings in a user cache
-folder shared by every workdir (`cached_bootstrap`).
+The supervised phase shows the model solutions with two kinds of flaw. Each step's result is off by a
+little with a set probability (later steps carry the error on), so the model learns the arithmetic but
+also learns to slip when sampled at the rollout temperature. And most solutions of the longest problems
+box their answer one operation early, so the model also learns a habit that greedy decoding repeats: a
+premature answer. RL with a verifier can unlearn both, and CAPO's step credit can point at the step
+that went wrong. Finished bootstraps are cached by the hash of their settings in a user cache folder
+shared by every workdir (`cached_bootstrap`).
 """
 from __future__ import annotations
 
@@ -42,13 +43,15 @@ MODEL_DEFAULTS: dict = {
 
 # The supervised bootstrap phase (config `demo.sft`).
 SFT_DEFAULTS: dict = {
-    "steps": 1000,  # optimizer steps
+    "steps": 2000,  # optimizer steps
     "batch_size": 32,  # sequences per step
     "learning_rate": 5e-3,  # AdamW peak learning rate (warmup then cosine decay)
     "warmup_steps": 50,  # linear warmup steps
     "weight_decay": 0.01,  # AdamW weight decay
     "noise_prob": 0.25,  # probability that a solution step's result is off (later steps carry the error)
     "noise_max": 2,  # a noisy result is off by 1..noise_max
+    "stop_short_prob": 0.6,  # probability that a long problem's solution boxes its answer one operation early
+    "stop_short_ops": 4,  # the fewest operations of a problem whose solutions may stop short
     "num_eval": 64,  # held-out test problems for the accuracies printed at the end (greedy, and 2 samples each at T=1)
     "seed": 0,  # init, data and noise seed
 }
@@ -100,7 +103,8 @@ def sft_data(world: ArithmeticWorld, tok: Any, n: int, sft: Mapping[str, Any], s
     prompts, completions = [], []
     for i in range(n):
         p = world.problem(i, "train", stream=_TRAIN_STREAM + seed)
-        text, _ = p.noisy_solution(rng, float(sft["noise_prob"]), int(sft["noise_max"]))
+        text, _ = p.noisy_solution(rng, float(sft["noise_prob"]), int(sft["noise_max"]),
+                                    float(sft["stop_short_prob"]), int(sft["stop_short_ops"]))
         prompts.append(format_prompt(p.question, DEFAULT_TEMPLATE))
         completions.append(text)
     p_ids = tok(prompts)["input_ids"]
@@ -278,7 +282,7 @@ def bootstrap_policy(
     policy = Transformer(cfg, rngs=nnx.Rngs(int(s["seed"])))
     log(f"[bootstrap] training a {cfg.num_layers}-layer, {cfg.hidden_size}-wide {cfg.model_type} policy "
         f"({sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))/1e6:.2f}M params) for {s['steps']} steps "
-        f"on noisy solutions (noise {s['noise_prob']}), sequences of {ids.shape[1]} tokens")
+        f"on noisy solutions (step noise {s['noise_prob']}, long ones stopped short {s['stop_short_prob']}), sequences of {ids.shape[1]} tokens")
     losses = _train(policy, ids, mask, s, log)
     train_s = time.perf_counter() - t0
     metrics: dict[str, Any] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "train_seconds": train_s}
