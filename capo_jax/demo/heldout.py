@@ -23,13 +23,13 @@ def binomial_se(p: float, n: int) -> float:
 
 def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, list]:
     """Per (problem, sample) pair, in order: whether the answer is right, the fraction of its steps that are wrong,
-    and whether any is."""
+    whether any is, and whether it boxed an answer before writing a step for every operation (answered early)."""
     from capo_jax.critic.rule import true_wrong_steps
     from capo_jax.rewards.steps import split_steps
 
     if len(texts) != len(problems) * samples:
         raise ValueError(f"{len(texts)} responses for {len(problems)} problems x {samples} samples")
-    correct, step_errors, flawed = [], [], []
+    correct, step_errors, flawed, early = [], [], [], []
     for i, text in enumerate(texts):
         problem = problems[i // samples]
         correct.append(last_boxed(text) == problem.answer)
@@ -37,7 +37,8 @@ def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int)
         wrong = true_wrong_steps(steps, problem.question)
         step_errors.append(len(wrong) / len(steps))
         flawed.append(bool(wrong))
-    return {"correct": correct, "step_errors": step_errors, "flawed": flawed}
+        early.append(last_boxed(text) is not None and len(steps) - 1 < len(problem.ops))
+    return {"correct": correct, "step_errors": step_errors, "flawed": flawed, "early": early}
 
 
 def score_responses(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, float]:
@@ -47,11 +48,12 @@ def score_responses(problems: Sequence[Problem], texts: Sequence[str], samples: 
 
 def summarize(pairs: dict[str, list]) -> dict[str, float]:
     """The rates (and the accuracy's standard error) of `pair_scores` output."""
-    correct, step_errors, flawed = pairs["correct"], pairs["step_errors"], pairs["flawed"]
+    correct, step_errors, flawed, early = pairs["correct"], pairs["step_errors"], pairs["flawed"], pairs["early"]
     n = len(correct)
     acc = float(np.mean(correct)) if n else float("nan")
     return {"accuracy": acc, "accuracy_se": binomial_se(acc, n), "step_error_rate": float(np.mean(step_errors)) if n else float("nan"),
-            "flawed_response_rate": float(np.mean(flawed)) if n else float("nan"), "pairs": n}
+            "flawed_response_rate": float(np.mean(flawed)) if n else float("nan"),
+            "early_answer_rate": float(np.mean(early)) if n else float("nan"), "pairs": n}
 
 
 def evaluate_world(model: Any, tokenizer: Any, world: ArithmeticWorld, *, num_problems: int, samples: int,

@@ -22,7 +22,8 @@ RUN_PANELS: tuple[tuple[str, bool, tuple[tuple[str, str, str], ...]], ...] = (
                                          ("reward/outcome_accuracy", "training rollouts", "train"))),
     ("mean sequence reward (training rollouts)", False, (("reward/mean", "reward", "train"),)),
     ("held-out true wrong-step rate", True, (("eval/sampled_step_error_rate", "sampled", "eval"),
-                                             ("eval/greedy_step_error_rate", "greedy", "eval"))),
+                                             ("eval/greedy_step_error_rate", "greedy", "eval"),
+                                             ("eval/greedy_early_answer_rate", "greedy: answered early", "eval"))),
     ("tokens in voted-wrong steps (training rollouts)", True, (("reward/frac_tokens_penalized", "fraction penalised", "train"),)),
 )
 SMOOTH = 10  # steps in the running mean of "train" lines
