@@ -21,9 +21,9 @@ RUN_PANELS: tuple[tuple[str, bool, tuple[tuple[str, str, str], ...]], ...] = (
                                          ("eval/greedy_accuracy", "greedy", "eval"),
                                          ("reward/outcome_accuracy", "training rollouts", "train"))),
     ("mean sequence reward (training rollouts)", False, (("reward/mean", "reward", "train"),)),
-    ("held-out true wrong-step rate", True, (("eval/sampled_step_error_rate", "sampled", "eval"),
-                                             ("eval/greedy_step_error_rate", "greedy", "eval"),
-                                             ("eval/greedy_early_answer_rate", "greedy: answered early", "eval"))),
+    ("held-out true wrong-step rate, and answers boxed early", True, (
+        ("eval/sampled_step_error_rate", "sampled", "eval"), ("eval/greedy_step_error_rate", "greedy", "eval"),
+        ("eval/greedy_early_answer_rate", "greedy: answered early", "eval"))),
     ("tokens in voted-wrong steps (training rollouts)", True, (("reward/frac_tokens_penalized", "fraction penalised", "train"),)),
 )
 SMOOTH = 10  # steps in the running mean of "train" lines
