@@ -29,9 +29,11 @@ def test_score_responses_counts_answers_and_true_wrong_steps():
     assert out["step_error_rate"] == pytest.approx((0 + 1 / 3 + 2 / 3 + 0 + 1 + 1 / 2) / 6)
     assert out["flawed_response_rate"] == pytest.approx(4 / 6)
     assert out["early_answer_rate"] == 0.0
-    early = ["3 + 4 = 7\n\nThe answer is \\boxed{7}", "3 + 4 = 7\n\n7 * 2 = 14", "The answer is \\boxed{14}"]
-    out = score_responses([p], early, 3)  # boxed after 1 of 2 operations; no box at all; boxed at once
-    assert out["early_answer_rate"] == pytest.approx(2 / 3) and out["accuracy"] == pytest.approx(1 / 3)
+    early = ["3 + 4 = 7\n\nThe answer is \\boxed{7}", "3 + 4 = 7\n\n7 * 2 = 14", "The answer is \\boxed{14}",
+             "3 + 4 = 7\n\n7 * 2 = 14 The answer is \\boxed{14}"]
+    # boxed after 1 of 2 operations; no box at all; boxed at once; the box shares the last equation's step (not early)
+    out = score_responses([p], early, 4)
+    assert out["early_answer_rate"] == pytest.approx(2 / 4) and out["accuracy"] == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="2 problems x 2 samples"):
         score_responses([p, q], texts, 2)
     assert math.isnan(binomial_se(0.5, 0)) and binomial_se(1.0, 10) == 0.0

@@ -23,7 +23,8 @@ def binomial_se(p: float, n: int) -> float:
 
 def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int) -> dict[str, list]:
     """Per (problem, sample) pair, in order: whether the answer is right, the fraction of its steps that are wrong,
-    whether any is, and whether it boxed an answer before writing a step for every operation (answered early)."""
+    whether any is, and whether it boxed an answer after fewer equations than the problem has operations (answered
+    early)."""
     from capo_jax.critic.rule import true_wrong_steps
     from capo_jax.rewards.steps import split_steps
 
@@ -37,7 +38,7 @@ def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int)
         wrong = true_wrong_steps(steps, problem.question)
         step_errors.append(len(wrong) / len(steps))
         flawed.append(bool(wrong))
-        early.append(last_boxed(text) is not None and len(steps) - 1 < len(problem.ops))
+        early.append(last_boxed(text) is not None and sum("=" in step for step in steps) < len(problem.ops))
     return {"correct": correct, "step_errors": step_errors, "flawed": flawed, "early": early}
 
 
