@@ -20,6 +20,10 @@ jax.config.update("jax_enable_x64", False)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
+    # capo_jax.checkpoint silences these at run time once a restore has failed, but pytest resets the warning
+    # filters after each test, and the garbage collector may drop orbax's unawaited reads during a later one
+    config.addinivalue_line("filterwarnings", "ignore:coroutine '(_read_array_index_and_device_put|"
+                                              "Store\\._get_array_metadatas)' was never awaited:RuntimeWarning")
 
 
 def pytest_sessionfinish(session, exitstatus):
