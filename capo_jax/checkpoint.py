@@ -81,15 +81,17 @@ class _UnretrievedReadNoise(logging.Filter):
         return not any(os.path.join(path, "") in str(exc) for path in _FAILED_PATHS)
 
 
+# The RuntimeWarning orbax's array and metadata reads raise when a failed restore leaves them never awaited.
+UNAWAITED_READ_WARNING = r"coroutine '(_read_array_index_and_device_put|Store\._get_array_metadatas)' was never awaited"
+
+
 def _silence_late_callbacks() -> None:
     """Drop `_late_callback_noise` from sys.unraisablehook (once per process; everything else still reaches the old
     hook), and the warnings about orbax's array and metadata reads that a failed restore leaves never awaited."""
     previous = sys.unraisablehook
     if getattr(previous, "_capo_filter", False):
         return
-    warnings.filterwarnings("ignore", category=RuntimeWarning,
-                            message=r"coroutine '(_read_array_index_and_device_put|Store\._get_array_metadatas)' "
-                                    r"was never awaited")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message=UNAWAITED_READ_WARNING)
 
     def hook(unraisable: Any) -> None:
         if not _late_callback_noise(unraisable):

@@ -22,8 +22,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
     # capo_jax.checkpoint silences these at run time once a restore has failed, but pytest resets the warning
     # filters after each test, and the garbage collector may drop orbax's unawaited reads during a later one
-    config.addinivalue_line("filterwarnings", "ignore:coroutine '(_read_array_index_and_device_put|"
-                                              "Store\\._get_array_metadatas)' was never awaited:RuntimeWarning")
+    from capo_jax.checkpoint import UNAWAITED_READ_WARNING
+
+    config.addinivalue_line("filterwarnings", f"ignore:{UNAWAITED_READ_WARNING}:RuntimeWarning")
 
 
 def pytest_sessionfinish(session, exitstatus):
