@@ -33,12 +33,13 @@ def pair_scores(problems: Sequence[Problem], texts: Sequence[str], samples: int)
     correct, step_errors, flawed, early = [], [], [], []
     for i, text in enumerate(texts):
         problem = problems[i // samples]
-        correct.append(last_boxed(text) == problem.answer)
+        boxed = last_boxed(text)
+        correct.append(boxed == problem.answer)
         steps = split_steps(text) or [text]
         wrong = true_wrong_steps(steps, problem.question)
         step_errors.append(len(wrong) / len(steps))
         flawed.append(bool(wrong))
-        early.append(last_boxed(text) is not None and sum("=" in step for step in steps) < len(problem.ops))
+        early.append(boxed is not None and sum("=" in step for step in steps) < len(problem.ops))
     return {"correct": correct, "step_errors": step_errors, "flawed": flawed, "early": early}
 
 
