@@ -282,7 +282,8 @@ def bootstrap_policy(
     policy = Transformer(cfg, rngs=nnx.Rngs(int(s["seed"])))
     log(f"[bootstrap] training a {cfg.num_layers}-layer, {cfg.hidden_size}-wide {cfg.model_type} policy "
         f"({sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))/1e6:.2f}M params) for {s['steps']} steps "
-        f"on noisy solutions (step noise {s['noise_prob']}, long ones stopped short {s['stop_short_prob']}), sequences of {ids.shape[1]} tokens")
+        f"on noisy solutions (step noise {s['noise_prob']}, long ones stopped short {s['stop_short_prob']}), "
+        f"sequences of {ids.shape[1]} tokens")
     losses = _train(policy, ids, mask, s, log)
     train_s = time.perf_counter() - t0
     metrics: dict[str, Any] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "train_seconds": train_s}
